@@ -1,0 +1,246 @@
+"""Attach named adapter sets to any ``nn.Module`` tree; activate, merge, list and detach them."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from cotune.adapters.base import Adapter, AdapterConfig, get_family, make_config
+from cotune.adapters.site import AdaptedModule, io_widths
+from cotune.errors import CotuneError
+
+ConfigLike = AdapterConfig | str
+
+
+def model_type(model: nn.Module) -> str:
+    """The transformers ``model_type`` (``bert``, ``llama``, …) or ``""`` for plain modules."""
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "model_type", "") or "")
+
+
+def sites(model: nn.Module) -> dict[str, AdaptedModule]:
+    """Every adapted module by its dotted path in the original model."""
+    return {m.path: m for m in model.modules() if isinstance(m, AdaptedModule)}
+
+
+def adapter_sets(model: nn.Module) -> dict[str, list[AdapterConfig]]:
+    """The named adapter sets attached to ``model`` and their configs."""
+    return getattr(model, "_cotune_sets", {})
+
+
+def _original_names(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) in the original naming: wrappers stand for their base; adapters are skipped."""
+    skip: list[str] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(p) for p in skip):
+            continue
+        if isinstance(mod, AdaptedModule):
+            skip.append(name + ".")
+            yield name, mod
+        else:
+            yield name, mod
+
+
+def match_targets(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
+    """Paths of modules matched by PEFT-style suffixes or a full-match regex; errors when none match."""
+    names = [n for n, _ in _original_names(model) if n]
+    if isinstance(targets, str):
+        rx = re.compile(targets)
+        hits = [n for n in names if rx.fullmatch(n)]
+        wanted = [targets]
+    else:
+        wanted = list(targets)
+        hits = [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
+        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing and hits:
+            raise CotuneError(_no_match_message(missing, names))
+    if not hits:
+        raise CotuneError(_no_match_message(wanted, names))
+    return hits
+
+
+def _no_match_message(wanted: Sequence[str], names: list[str]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    near: list[str] = []
+    for t in wanted:
+        near += difflib.get_close_matches(t.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.4)
+        near += difflib.get_close_matches(t, names, n=3, cutoff=0.6)
+    near = list(dict.fromkeys(near))[:6]
+    hint = f"; nearest module names: {', '.join(near)}" if near else f"; module names include: {', '.join(leaves[:12])}"
+    return f"target_modules {list(wanted)} match no module of the model{hint}"
+
+
+def default_targets(family: str, model: nn.Module) -> list[str] | str:
+    """The family's placement for this architecture (DESIGN §2), e.g. kron after ``output.dense``."""
+    fam = get_family(family)
+    mt = model_type(model)
+    for key in (mt, "*"):
+        if key and key in fam.default_targets:
+            return fam.default_targets[key]
+    raise CotuneError(
+        f"family {family!r} has no default placement for model type {mt or type(model).__name__!r}; "
+        f"pass target_modules (known defaults: {sorted(fam.default_targets) or 'none'})"
+    )
+
+
+def _wrap(model: nn.Module, path: str) -> AdaptedModule:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    mod = getattr(parent, leaf)
+    if isinstance(mod, AdaptedModule):
+        return mod
+    site = AdaptedModule(mod, path)
+    setattr(parent, leaf, site)
+    return site
+
+
+def attach(
+    model: nn.Module,
+    config: ConfigLike | Sequence[ConfigLike],
+    name: str = "default",
+    activate: bool = True,
+    **overrides: Any,
+) -> nn.Module:
+    """Attach adapter set ``name`` built from one config or several (e.g. adapters + a trainable head).
+
+    ``config`` is a family name (``"lowrank"``) with ``overrides`` as its fields, an ``AdapterConfig``,
+    or a list of either. The base model's parameters are frozen; the new adapters are trainable. Returns
+    ``model`` (changed in place) so calls chain.
+    """
+    configs = [make_config(c, **overrides) for c in ([config] if isinstance(config, str | AdapterConfig) else config)]
+    sets = dict(adapter_sets(model))
+    if name in sets:
+        raise CotuneError(f"adapter set {name!r} already exists; detach it first or choose another name")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # Resolve every target before changing anything, so a bad config leaves the model untouched.
+    plan: list[tuple[AdapterConfig, str]] = []
+    for cfg in configs:
+        targets = cfg.target_modules if cfg.target_modules is not None else default_targets(cfg.family, model)
+        plan += [(cfg, path) for path in match_targets(model, targets)]
+    paths = [p for _, p in plan]
+    dup = sorted({p for p in paths if paths.count(p) > 1})
+    if dup:
+        raise CotuneError(f"adapter set {name!r} puts two adapters on {dup}; make target_modules disjoint")
+    built: list[tuple[str, Adapter, nn.Module]] = []
+    for cfg, path in plan:
+        mod = model.get_submodule(path)
+        base = mod.base if isinstance(mod, AdaptedModule) else mod
+        d_in, d_out = io_widths(base)
+        ad = get_family(cfg.family).adapter_cls(cfg, d_in, d_out, base)
+        ref = next((t for t in base.parameters()), None)
+        if ref is not None:
+            ad.to(device=ref.device if ref.device.type != "meta" else "meta")
+        built.append((path, ad, base))
+    for path, ad, base in built:
+        site = _wrap(model, path)
+        ad.prepare_base(base)
+        site.adapters[name] = ad
+        for p in ad.parameters():
+            p.requires_grad_(True)
+    sets[name] = configs
+    model._cotune_sets = sets  # type: ignore[assignment]
+    if activate:
+        set_active(model, name)
+    return model
+
+
+def set_active(model: nn.Module, name: str | None) -> None:
+    """Make adapter set ``name`` the one every site applies (``None``: the bare base model)."""
+    if name is not None and name not in adapter_sets(model):
+        raise CotuneError(f"no adapter set {name!r}; attached: {sorted(adapter_sets(model))}")
+    for site in sites(model).values():
+        site.active = name if name in site.adapters else None
+    model._cotune_active = name  # type: ignore[assignment]
+
+
+def active_set(model: nn.Module) -> str | None:
+    return getattr(model, "_cotune_active", None)
+
+
+def adapters(model: nn.Module, name: str | None = None) -> dict[str, Adapter]:
+    """``{site path: adapter}`` of set ``name`` (default: the active set)."""
+    name = name or active_set(model)
+    return {p: s.adapters[name] for p, s in sites(model).items() if name in s.adapters}  # type: ignore[misc]
+
+
+def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """The adapter parameters of set ``name`` by qualified name ``<site path>.<param>``."""
+    return {f"{p}.{k}": v for p, ad in adapters(model, name).items() for k, v in ad.named_parameters()}
+
+
+def parameter_report(model: nn.Module, name: str | None = None) -> tuple[list[tuple[str, int]], int, int]:
+    """Per-site trainable counts, their total, and the base model's own parameter count."""
+    rows = [(p, ad.num_parameters()) for p, ad in adapters(model, name).items()]
+    ids = {id(p) for s in sites(model).values() for a in s.adapters.values() for p in a.parameters()}
+    base_total = sum(p.numel() for p in model.parameters() if id(p) not in ids)
+    return rows, sum(n for _, n in rows), base_total
+
+
+def merge(model: nn.Module, name: str | None = None) -> None:
+    """Fold set ``name`` into the base weights (errors for non-mergeable families before changing anything)."""
+    ads = adapters(model, name)
+    bad = sorted({ad.config.family for ad in ads.values() if not ad.mergeable})
+    if bad:
+        raise CotuneError(f"cannot merge: families {bad} are not mergeable (not linear in their input)")
+    for path, ad in ads.items():
+        sites(model)[path].merge(name or active_set(model))
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore every merged base weight bit for bit."""
+    for site in sites(model).values():
+        site.unmerge()
+
+
+def detach(model: nn.Module, name: str) -> None:
+    """Remove adapter set ``name``; sites with no adapters left are unwrapped to the original module."""
+    if name not in adapter_sets(model):
+        raise CotuneError(f"no adapter set {name!r}; attached: {sorted(adapter_sets(model))}")
+    for path, site in list(sites(model).items()):
+        if name not in site.adapters:
+            continue
+        if site.merged == name:
+            site.unmerge()
+        ad = site.adapters[name]
+        ad.restore_base(site.base)  # type: ignore[operator]
+        del site.adapters[name]
+        if site.active == name:
+            site.active = None
+        if not site.adapters:
+            parent_path, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, leaf, site.base)
+    sets = dict(adapter_sets(model))
+    del sets[name]
+    model._cotune_sets = sets  # type: ignore[assignment]
+    if active_set(model) == name:
+        model._cotune_active = None  # type: ignore[assignment]
+
+
+@torch.no_grad()
+def copy_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor], name: str | None = None) -> None:
+    """Load ``{<site path>.<param>: tensor}`` into set ``name`` (shape mismatches named per tensor)."""
+    params = trainable_parameters(model, name)
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    bad = [
+        f"{k}: saved {tuple(state[k].shape)} vs model {tuple(params[k].shape)}"
+        for k in params
+        if k in state and state[k].shape != params[k].shape
+    ]
+    if missing or unexpected or bad:
+        parts = []
+        if bad:
+            parts.append("shape mismatch (adapter saved for a different base model?): " + "; ".join(bad[:8]))
+        if missing:
+            parts.append(f"missing tensors: {missing[:8]}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {unexpected[:8]}")
+        raise CotuneError("adapter weights do not fit this model: " + " | ".join(parts))
+    for k, p in params.items():
+        p.copy_(state[k].to(p.dtype))

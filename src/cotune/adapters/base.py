@@ -1,0 +1,195 @@
+"""The adapter contract (DESIGN §1): every family is an additive ``g(u; w)`` at a site of a base module.
+
+A family is a pair (config dataclass, ``Adapter`` subclass) registered under a string key. Engines only
+use what is defined here, so a family added later (by a user, without editing cotune) trains under every
+engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from cotune.errors import CotuneError
+
+#: Where an adapter's contribution lands (DESIGN §1). ``replace``: the module is replaced by ``g`` itself
+#: (the "full" family: a task head or LayerNorm trained in place; ``s = 1``).
+SITES = ("parallel", "sequential", "pre", "replace")
+
+
+@dataclass
+class AdapterConfig:
+    """Fields shared by every family. Names follow PEFT where the meaning is the same.
+
+    ``target_modules``: a list of module-name suffixes (PEFT style: ``["query", "value"]`` matches any
+    module whose dotted name ends with ``.query`` or ``.value``), or a single string taken as a regular
+    expression that must match the whole dotted name. ``None`` uses the family's default placement for
+    the model's architecture.
+    """
+
+    target_modules: list[str] | str | None = None
+    #: The family's default site unless overridden (parallel | sequential | pre | replace).
+    site: str | None = None
+
+    #: Filled in by ``register``: the registry key and the ``peft_type`` written to adapter_config.json.
+    family: ClassVar[str] = ""
+    peft_type: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields plus ``peft_type`` (what adapter_config.json stores)."""
+        d = dataclasses.asdict(self)
+        d["peft_type"] = self.peft_type
+        d["cotune_family"] = self.family
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], strict: bool = False) -> AdapterConfig:
+        """Build from a dict; unknown keys are an error when ``strict`` and ignored otherwise."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in names and k not in ("peft_type", "cotune_family"))
+        if strict and unknown:
+            raise CotuneError(
+                f"unknown option(s) {unknown} for adapter family {cls.family!r}; valid: {sorted(names)}"
+            )
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Adapter(nn.Module):
+    """One adapter ``g(u; w)`` at one site.
+
+    Built as ``cls(config, d_in, d_out, base)`` (``base``: the frozen module at the site, for families whose
+    init reads it). Subclasses implement ``forward(u, seed=None) -> g(u)`` on fp32 input (the site casts), set ``site``
+    and ``scaling`` (``s``), and, when ``g`` is linear in ``u``, ``delta_weight()`` for merging.
+
+    Stochastic families (dropout, expert draws) set ``stochastic = True`` and draw only from
+    ``self.generator(seed, device)``: the site passes a fresh seed per call and the engines replay the
+    same seed off the server, which is what keeps gradient learning equal to backprop.
+    """
+
+    site: str = "parallel"
+    scaling: float = 1.0
+
+    def __init__(self, config: AdapterConfig, d_in: int, d_out: int, base: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.d_in, self.d_out = d_in, d_out
+        if config.site is not None:
+            self.site = config.site
+        if self.site not in SITES:
+            raise CotuneError(f"unknown site {self.site!r}; valid: {list(SITES)}")
+
+    @property
+    def stochastic(self) -> bool:
+        """True when ``forward`` draws random numbers in training mode (then it must honour ``seed``)."""
+        return False
+
+    @staticmethod
+    def generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+        """A generator seeded for one call, or ``None`` (global RNG) when no seed is given."""
+        if seed is None:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(int(seed))
+        return g
+
+    def delta_weight(self) -> torch.Tensor | None:
+        """``s·ΔW`` in ``nn.Linear`` layout ``(d_out, d_in)``, fp32; ``None`` when not mergeable."""
+        return None
+
+    @property
+    def mergeable(self) -> bool:
+        return type(self).delta_weight is not Adapter.delta_weight or (
+            type(self).merged_state is not Adapter.merged_state
+        )
+
+    def merged_state(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """The base module's new parameters with this adapter folded in (``merge``)."""
+        dw = self.delta_weight()
+        if dw is None:
+            raise CotuneError(
+                f"adapter family {self.config.family!r} is not mergeable: its output is not linear in "
+                "the input; keep it unmerged (inference then runs the adapter)"
+            )
+        if self.site != "parallel":
+            raise CotuneError(f"only parallel adapters merge into a weight; this one is {self.site!r}")
+        w = base.weight
+        if w.shape == dw.shape[::-1] and w.shape != dw.shape:  # GPT-2 Conv1D stores (d_in, d_out)
+            dw = dw.T
+        return {"weight": (w.detach().float() + dw.to(w.device)).to(w.dtype)}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def prepare_base(self, base: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Called once when attached; may change the frozen base (CoLA's PiSSA residual)."""
+
+    def restore_base(self, base: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Undo ``prepare_base`` when the adapter is removed."""
+
+
+@dataclass
+class Family:
+    name: str
+    config_cls: type[AdapterConfig]
+    adapter_cls: type[Adapter]
+    #: model_type -> default target_modules (list of suffixes or regex); "*" for any architecture.
+    default_targets: dict[str, list[str] | str] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(
+    name: str,
+    config_cls: type[AdapterConfig],
+    peft_type: str | None = None,
+    default_targets: dict[str, list[str] | str] | None = None,
+):
+    """Class decorator registering an ``Adapter`` subclass as family ``name`` (open registry)."""
+
+    def deco(adapter_cls: type[Adapter]) -> type[Adapter]:
+        config_cls.family = name
+        config_cls.peft_type = peft_type or name.upper()
+        _REGISTRY[name] = Family(name, config_cls, adapter_cls, dict(default_targets or {}))
+        return adapter_cls
+
+    return deco
+
+
+def families() -> list[str]:
+    """The registered family names."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_family(name: str) -> Family:
+    """Look a family up by name or by its ``peft_type``; unknown names list the known ones."""
+    _load_builtin()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    for fam in _REGISTRY.values():
+        if fam.config_cls.peft_type == name:
+            return fam
+    near = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+    hint = f" (did you mean {', '.join(near)}?)" if near else ""
+    raise CotuneError(f"unknown adapter family {name!r}{hint}; known: {', '.join(sorted(_REGISTRY))}")
+
+
+def make_config(family: str | AdapterConfig, **overrides: Any) -> AdapterConfig:
+    """A family's config from its name and ``key=value`` overrides (unknown keys are an error)."""
+    if isinstance(family, AdapterConfig):
+        if not overrides:
+            return family
+        d = dataclasses.asdict(family) | overrides
+        return type(family).from_dict(d, strict=True)
+    return get_family(family).config_cls.from_dict(overrides, strict=True)
+
+
+def _load_builtin() -> None:
+    # Importing the package registers the built-in families (kept lazy to avoid import cycles).
+    import cotune.adapters.families  # noqa: F401

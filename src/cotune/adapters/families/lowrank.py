@@ -1,0 +1,65 @@
+"""lowrank (LoRA; ColA "low rank"): ``g(x) = B A x``, ``s = lora_alpha / r``. Saved in PEFT's layout."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cotune.adapters.base import Adapter, AdapterConfig, register
+from cotune.errors import CotuneError
+
+#: PEFT's own defaults for these architectures (query/value attention projections).
+LORA_DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
+
+
+def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverted dropout drawn from ``generator`` so that a fitter can replay the server's mask."""
+    if p <= 0:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1 - p, generator=generator)
+    return x * keep / (1 - p)
+
+
+@dataclass
+class LowRankConfig(AdapterConfig):
+    r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    use_rslora: bool = False  # s = alpha / sqrt(r), as in PEFT
+
+
+@register("lowrank", LowRankConfig, peft_type="LORA", default_targets=LORA_DEFAULT_TARGETS)
+class LowRank(Adapter):
+    site = "parallel"
+
+    def __init__(self, config: LowRankConfig, d_in: int, d_out: int, base: nn.Module | None = None) -> None:
+        super().__init__(config, d_in, d_out, base)
+        if config.r <= 0:
+            raise CotuneError(f"lowrank needs r >= 1, got r={config.r}")
+        self.lora_A = nn.Linear(d_in, config.r, bias=False)
+        self.lora_B = nn.Linear(config.r, d_out, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        self.p = config.lora_dropout
+
+    @property
+    def stochastic(self) -> bool:
+        return self.training and self.p > 0
+
+    def forward(self, u: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        if self.stochastic:
+            u = dropout(u, self.p, self.generator(seed, u.device))
+        return self.lora_B(self.lora_A(u))
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
