@@ -1,0 +1,47 @@
+"""Shared fixtures: the real data in ../shared/data and the real packaged models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present (the real data sets live beside the repository)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from cotune.models import load_tokenizer
+
+    return load_tokenizer("minilm")
+
+
+@pytest.fixture
+def minilm_cls():
+    """A fresh MiniLM sequence classifier (2 labels), fp32, eval mode, deterministic head init."""
+    from cotune.models import load_model
+
+    torch.manual_seed(0)
+    return load_model("minilm", "seq_cls", num_labels=2).eval()
+
+
+@pytest.fixture
+def sst2_batch(shared_data, minilm_tokenizer):
+    """Eight real SST-2 dev rows, tokenized: (batch dict, labels)."""
+    rows = (shared_data / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:9]
+    sents, labels = zip(*(r.rsplit("\t", 1) for r in rows))
+    enc = minilm_tokenizer(list(sents), return_tensors="pt", padding=True, truncation=True, max_length=64)
+    return dict(enc), torch.tensor([int(x) for x in labels])
