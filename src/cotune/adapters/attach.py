@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Iterator, Sequence
@@ -120,9 +121,10 @@ def attach(
         p.requires_grad_(False)
     # Resolve every target before changing anything, so a bad config leaves the model untouched.
     plan: list[tuple[AdapterConfig, str]] = []
-    for cfg in configs:
-        targets = cfg.target_modules if cfg.target_modules is not None else default_targets(cfg.family, model)
-        plan += [(cfg, path) for path in match_targets(model, targets)]
+    for i, cfg in enumerate(configs):
+        if cfg.target_modules is None:  # record the resolved default so the saved config is explicit
+            configs[i] = cfg = dataclasses.replace(cfg, target_modules=default_targets(cfg.family, model))
+        plan += [(cfg, path) for path in match_targets(model, cfg.target_modules)]
     paths = [p for _, p in plan]
     dup = sorted({p for p in paths if paths.count(p) > 1})
     if dup:
@@ -188,8 +190,9 @@ def merge(model: nn.Module, name: str | None = None) -> None:
     bad = sorted({ad.config.family for ad in ads.values() if not ad.mergeable})
     if bad:
         raise CotuneError(f"cannot merge: families {bad} are not mergeable (not linear in their input)")
-    for path, ad in ads.items():
-        sites(model)[path].merge(name or active_set(model))
+    all_sites = sites(model)
+    for path in ads:
+        all_sites[path].merge(name or active_set(model))
 
 
 def unmerge(model: nn.Module) -> None:
