@@ -58,6 +58,11 @@ def smollm2_path() -> Path:
 
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are already dequantized to fp32; transformers 5 keeps a non-serializable GGUF quantizer
+    # marker on the model that makes save_pretrained refuse, so drop it (and its config entry).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
