@@ -138,6 +138,7 @@ def attach(
         ref = next((t for t in base.parameters()), None)
         if ref is not None:
             ad.to(device=ref.device if ref.device.type != "meta" else "meta")
+        ad.train(model.training)  # follow the model's mode: an eval model must not get stochastic adapters
         built.append((path, ad, base))
     for path, ad, base in built:
         site = _wrap(model, path)

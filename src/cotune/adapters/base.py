@@ -118,7 +118,8 @@ class Adapter(nn.Module):
         if self.site != "parallel":
             raise CotuneError(f"only parallel adapters merge into a weight; this one is {self.site!r}")
         w = base.weight
-        if w.shape == dw.shape[::-1] and w.shape != dw.shape:  # GPT-2 Conv1D stores (d_in, d_out)
+        # GPT-2 Conv1D stores (d_in, d_out); test the type, not the shape: attn.c_proj is square.
+        if type(base).__name__ == "Conv1D" or (w.shape == dw.shape[::-1] and w.shape != dw.shape):
             dw = dw.T
         return {"weight": (w.detach().float() + dw.to(w.device)).to(w.dtype)}
 
