@@ -1,0 +1,98 @@
+"""backprop: ordinary training of the active adapter set's parameters (DESIGN §3), the reference engine."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from cotune.adapters.attach import active_set, trainable_parameters
+from cotune.engines.base import LossFn, OptimConfig, StepResult, make_optimizer, make_scheduler
+from cotune.engines.update import BadStepGuard, apply_update, check_loss
+from cotune.errors import CotuneError
+
+
+class BackpropEngine:
+    """Forward, backward, one optimizer step on the adapter set ``name`` (default: the active set).
+
+    ``grad_accum = I`` buffers ``I`` micro-batches and then steps on the *mean* of their gradients (each
+    micro-batch's loss is divided by ``I``), the same normalisation gradient learning uses for its update
+    interval. A non-finite loss skips its micro-batch (no backward); a non-finite gradient drops the
+    accumulated window; ``max_bad_steps`` such events in a row stop training with a ``CotuneError``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimConfig,
+        grad_accum: int = 1,
+        max_bad_steps: int = 10,
+        name: str | None = None,
+    ) -> None:
+        if grad_accum < 1:
+            raise CotuneError(f"grad_accum must be >= 1, got {grad_accum}")
+        self.model = model
+        self.name = name or active_set(model)
+        self.params = trainable_parameters(model, self.name)
+        if not self.params:
+            raise CotuneError(
+                "backprop: the model has no adapter set to train; attach one first (cotune.adapters.attach)"
+            )
+        for p in self.params.values():
+            p.requires_grad_(True)
+            p.grad = None  # a stale gradient from an earlier backward must not leak into the first step
+        self.optim = optim
+        self.optimizer = make_optimizer(self.params.items(), optim)
+        self.scheduler = make_scheduler(self.optimizer, optim)
+        self.grad_accum = grad_accum
+        self.micro = 0
+        self.good_micro = 0  # micro-batches of the current window that contributed a gradient
+        self.guard = BadStepGuard(max_bad_steps, "backprop")
+
+    def step(self, loss_fn: LossFn, batch: Any) -> StepResult:
+        """One micro-batch; every ``grad_accum``-th call also updates the adapters."""
+        loss = check_loss(loss_fn(self.model, batch), "backprop")
+        value = float(loss.detach())
+        self.micro += 1
+        skipped = False
+        if math.isfinite(value):
+            (loss / self.grad_accum).backward()
+            self.good_micro += 1
+        else:
+            skipped = True
+            self.guard.bad(f"loss {value}")
+        if self.micro < self.grad_accum:
+            return StepResult(value, updated=False, skipped=skipped)
+        self.micro, good, self.good_micro = 0, self.good_micro, 0
+        if not good:  # every micro-batch of the window was skipped: nothing to apply
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(value, updated=False, skipped=True)
+        updated, norm = apply_update(
+            list(self.params.values()), self.optimizer, self.scheduler, self.optim.max_grad_norm
+        )
+        if not updated:
+            self.guard.bad(f"gradient norm {norm}")
+        elif not skipped:
+            self.guard.good()
+        stats = {"grad_norm": norm, "lr": self.optimizer.param_groups[0]["lr"]}
+        return StepResult(value, updated=updated, skipped=skipped or not updated, stats=stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "micro": self.micro,
+            "guard": self.guard.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro = int(state.get("micro", 0))
+        self.guard.load_state_dict(state.get("guard", {}))
+
+    def close(self) -> None:
+        """Nothing runs in the background; drops any half-accumulated gradient."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.micro = self.good_micro = 0

@@ -1,0 +1,176 @@
+"""Server-side capture of ``(u, δ)`` at every adapter site, paired by call (DESIGN §3, gradient learning).
+
+Unmerged, the capture is the site's ``tap``: it stores ``u`` (detached) and the call's seed and registers
+a gradient hook on ``h``, the tensor the adapter's contribution is added to, so ``δ = ∂L/∂h`` is known the
+moment autograd computes it (and a fitter can start on it while the backward pass goes on). Merged, no
+adapter runs; a forward hook on the site records the module input as ``u`` and the module output as
+``h`` (the same tensor, since the adapter's contribution is folded into the weight).
+
+Every call of a site produces its own record with its own ``h`` and hook, so a module called twice in
+one forward (weight tying) yields two correctly paired records, numbered by ``call``. Calls made while
+gradients are disabled (reentrant activation checkpointing) or during the backward pass (checkpoint
+recomputation) cannot be paired with a ``δ`` and are refused with a ``CotuneError``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from cotune.adapters.attach import active_set, sites
+from cotune.adapters.base import Adapter
+from cotune.adapters.site import AdaptedModule
+from cotune.errors import CotuneError
+
+
+@dataclass
+class SiteRecord:
+    """One call of one site: ``u`` and ``δ`` batch-first (rows can be split by tenant), the call's seed."""
+
+    path: str
+    call: int
+    adapter: str  # adapter set name
+    u: torch.Tensor
+    seed: int | None
+    training: bool
+    delta: torch.Tensor | None = None
+    u_version: int = field(default=0, repr=False)
+
+    def check_unchanged(self) -> None:
+        """``u`` must not have been modified in place since it was captured (it would no longer be ``u``)."""
+        if self.u._version != self.u_version:
+            raise CotuneError(
+                f"site {self.path!r}: its input was modified in place after the adapter read it; "
+                "gradient learning needs the original value (make that in-place operation out of place)"
+            )
+
+
+class Capture:
+    """Installs the capture on every site of adapter set ``name`` and hands each finished pair on.
+
+    ``on_delta(record)`` runs inside the backward pass as soon as the record's ``δ`` exists (the engine
+    ships it to its fitter there). Records stay in ``records`` until ``end()``; records whose ``h`` did not
+    reach the loss get no ``δ`` (their adapter's gradient is zero and backprop would not touch it either).
+
+    Only active between ``begin()`` and ``end()``: forwards outside a training step (evaluation) pass
+    through untouched.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str | None = None,
+        on_delta: Callable[[SiteRecord], None] | None = None,
+        merged: bool = False,
+    ) -> None:
+        self.model = model
+        self.name = name or active_set(model)
+        if self.name is None:
+            raise CotuneError("gradient learning: no adapter set is active; attach one or pass its name")
+        self.on_delta = on_delta
+        self.merged = merged
+        self.sites: dict[str, AdaptedModule] = {p: s for p, s in sites(model).items() if self.name in s.adapters}
+        if not self.sites:
+            raise CotuneError(f"adapter set {self.name!r} has no site in this model")
+        self.records: list[SiteRecord] = []
+        self._calls: dict[str, int] = {}
+        self._phase = "idle"  # idle | forward | backward
+        self._lock = threading.Lock()
+        self._handles: list[RemovableHandle] = []
+        self._installed = False
+
+    # -- installation ----------------------------------------------------------------------------
+    def install(self) -> None:
+        """Set the tap (unmerged) or a forward hook (merged) on every site of the set."""
+        if self._installed:
+            return
+        for path, site in self.sites.items():
+            if self.merged:
+                self._handles.append(site.register_forward_hook(self._merged_hook))
+            else:
+                if site.tap is not None and site.tap != self._tap:
+                    raise CotuneError(f"site {path!r} is already captured by another engine; close that engine first")
+                site.tap = self._tap
+        self._installed = True
+
+    def remove(self) -> None:
+        for site in self.sites.values():
+            if site.tap == self._tap:
+                site.tap = None
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._installed = False
+
+    # -- phases ----------------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Start a forward pass: clear the records of the previous micro-batch."""
+        self.records = []
+        self._calls = {}
+        self._phase = "forward"
+
+    def backward_phase(self) -> None:
+        self._phase = "backward"
+
+    def end(self) -> list[SiteRecord]:
+        """Stop capturing; returns the records (with ``δ`` where the loss reached them)."""
+        self._phase = "idle"
+        out, self.records = self.records, []
+        return out
+
+    # -- the hooks -------------------------------------------------------------------------------
+    def _tap(
+        self, site: AdaptedModule, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None
+    ) -> torch.Tensor:
+        if site.adapters[self.name] is not ad:  # another adapter set is active at this site
+            return h
+        return self._record(site, ad, u, h, seed, ad.training)
+
+    def _merged_hook(self, site: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        assert isinstance(site, AdaptedModule)
+        if site.merged != self.name or not args:
+            return None
+        # The server never runs the adapter: the fitter evaluates its deterministic (eval-mode) map.
+        return self._record(site, site.adapters[self.name], args[0], output, None, False)  # type: ignore[arg-type]
+
+    def _record(
+        self, site: AdaptedModule, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None, training: bool
+    ) -> torch.Tensor:
+        if self._phase == "idle":
+            return h
+        if self._phase == "backward":
+            raise CotuneError(
+                f"site {site.path!r} ran again during the backward pass (activation checkpointing recomputes "
+                "the forward): gradient learning cannot pair those calls; disable gradient checkpointing"
+            )
+        if not torch.is_grad_enabled():
+            raise CotuneError(
+                f"site {site.path!r} ran with gradients disabled during a training step (reentrant activation "
+                "checkpointing or a no_grad region in the model): its δ cannot be captured; disable it"
+            )
+        if not isinstance(h, torch.Tensor):
+            raise CotuneError(f"site {site.path!r} returned {type(h).__name__}; gradient learning needs a tensor")
+        if not h.requires_grad:
+            # Nothing upstream needs a gradient (frozen embeddings): make h a leaf so δ still flows here and
+            # into every later site; no gradient is lost since nothing before h is trained.
+            h = h.detach().requires_grad_()
+        with self._lock:
+            call = self._calls.get(site.path, 0)
+            self._calls[site.path] = call + 1
+        u = u.detach()
+        rec = SiteRecord(site.path, call, self.name, u, seed, training, u_version=u._version)
+        self.records.append(rec)
+        h.register_hook(lambda grad, rec=rec: self._on_grad(rec, grad))
+        return h
+
+    def _on_grad(self, rec: SiteRecord, grad: torch.Tensor) -> None:
+        # Keep autograd's own tensor (not a detached alias): holding a reference stops autograd from
+        # accumulating into it in place later in the backward pass.
+        rec.delta = grad
+        if self.on_delta is not None:
+            self.on_delta(rec)
