@@ -1,0 +1,344 @@
+"""Quality: trainable parameters and dev scores per method and engine (GLUE/FPB with MiniLM; SmolLM2 on GSM8K,
+the Alpaca demo and MMLU), in the style of the AdaKron/LoRETTA result tables.
+
+    python -m benchmarks quality                       # the budgeted subset (about 30-40 min on 2 shared cores)
+    python -m benchmarks quality --preset full --suite all   # every cell (hours on a CPU)
+    python -m benchmarks quality --tasks sst2,rte --methods lowrank --engines backprop,gl,zo
+    python -m benchmarks quality --smoke               # RTE, lowrank x 3 engines, 2 steps (< 30 s)
+
+Every cell is one ``cotune.training.train`` run (the same loop as ``cotune train``) with FIXED budgets: seed 0,
+``--steps`` optimizer steps (default 300) of batch 16, max_length 128, evaluation on the validation split
+every ``--steps/3`` steps; the reported score is the best validation score (selection on dev only; the test
+splits are never read). Datasets without a published dev split (FPB, the Alpaca demo, GSM8K, MMLU) use the
+task's deterministic seeded carve of the train file (10%). Each cell runs in a fresh subprocess, so one
+cell's state (threads, RNG, memory) cannot leak into the next.
+
+Methods (``METHODS``): lowrank (LoRA r 8, alpha 8, query/value), cola (CoLA r 8, alpha 16, M|N 2|3, all
+linear layers, PiSSA init), hydra (HydraLoRA, r 8, 3 B's), kron (AdaKron r 48) and kron_mix (partial
+MAdaKron, 2 experts), loretta_adp / loretta_rep (LoRETTA TT rank 5, tensorized head), bottleneck (Houlsby,
+64), full (every parameter). Classification heads are trained with every method (a ``full`` head, or the
+method's own tensorized head). Engines: backprop, gl (ColA gradient learning, fitter in a thread, interval
+1; the same trajectory as backprop up to float rounding), zo (MeZO, ZO-SGD, eps 1e-3, one direction; the
+same number of steps — far too few for MeZO, which papers run for 10^4-10^5 steps; stated, not hidden).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import (
+    DATA,
+    line_plot,
+    machine,
+    markdown_table,
+    out_dir,
+    run_isolated,
+    set_offline,
+    write_json,
+)
+
+#: task -> (data folder under the shared data root, primary metric key, table column)
+GLUE_TASKS: dict[str, tuple[str, str, str]] = {
+    "sst2": ("glue/SST-2", "accuracy", "SST-2 (acc)"),
+    "cola": ("glue/CoLA", "mcc", "CoLA (MCC)"),
+    "mrpc": ("glue/MRPC", "f1", "MRPC (F1)"),
+    "rte": ("glue/RTE", "accuracy", "RTE (acc)"),
+    "stsb": ("glue/STS-B", "pearson", "STS-B (Pearson)"),
+    "fpb": ("fpb", "accuracy", "FPB (acc)"),
+}
+#: method -> (cotune method name, options, backprop/gl learning rate, optimizer)
+METHODS: dict[str, tuple[str, dict[str, Any], float, str]] = {
+    "lowrank": ("lowrank", {"r": 8, "lora_alpha": 8}, 1e-3, "adamw"),
+    "cola": ("cola", {"r": 8, "lora_alpha": 16, "num_A": 2, "num_B": 3}, 5e-4, "adamw"),
+    "hydra": ("hydra", {"r": 8, "lora_alpha": 16, "num_B": 3}, 1e-3, "adamw"),
+    "kron": ("kron", {"r": 48}, 1e-3, "adamw"),
+    "kron_mix": ("kron", {"r": 48, "mixture": "partial", "num_experts": 2}, 1e-3, "adamw"),
+    "loretta_adp": ("loretta_adp", {}, 5e-4, "adam"),
+    "loretta_rep": ("loretta_rep", {}, 1e-3, "adam"),
+    "bottleneck": ("bottleneck", {"bottleneck_size": 64}, 1e-3, "adamw"),
+    "full": ("full", {"target_modules": "all"}, 5e-5, "adamw"),
+}
+ENGINES = ("backprop", "gl", "zo")
+ZO = {"lr": 1e-4, "eps": 1e-3, "full_lr": 1e-6}
+#: Which engines run a method in the full preset (gl needs adapters with a site; full FT trains every weight).
+ENGINES_OF = {m: ("backprop", "gl", "zo") for m in METHODS} | {"full": ("backprop", "zo")}
+#: The budgeted subset actually run for docs/RESULTS.md: (task, method, engine).
+BUDGET = [
+    ("sst2", "lowrank", "backprop"), ("sst2", "lowrank", "gl"), ("sst2", "lowrank", "zo"),
+    ("sst2", "kron", "backprop"), ("sst2", "loretta_adp", "backprop"), ("sst2", "full", "backprop"),
+    ("mrpc", "lowrank", "backprop"), ("mrpc", "lowrank", "gl"), ("mrpc", "lowrank", "zo"),
+    ("rte", "lowrank", "backprop"),
+]
+#: SmolLM2 cells: data set -> (data path, primary metric, max_length, max_new_tokens)
+LLM_TASKS: dict[str, tuple[str, str, int, int]] = {
+    "gsm8k": ("gsm8k", "exact_match", 384, 256),
+    "alpaca": ("instruct/alpaca_en_demo.json", "rouge_l", 384, 64),
+}
+
+
+# -- one cell (runs inside a fresh subprocess) ------------------------------------------------------------------
+def _read_log(path: Path) -> tuple[list[dict], list[dict]]:
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in recs if r.get("type") == "eval"], [r for r in recs if r.get("type") == "train"]
+
+
+def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max_len: int, seed: int,
+                out: str, eval_every: int, train_limit: int | None = None, eval_limit: int | None = None) -> Any:
+    """The ``TrainConfig`` of one GLUE/FPB cell."""
+    from cotune.training.config import config_from_dict
+
+    data, _, _ = GLUE_TASKS[task]
+    name, options, lr, opt = METHODS[method]
+    engine_opts: dict[str, Any] = {}
+    optim: dict[str, Any] = {"optimizer": opt, "lr": lr, "scheduler": "linear", "warmup_steps": max(1, steps // 10)}
+    if engine == "gl":
+        engine_opts = {"placement": "thread", "interval": 1}
+    elif engine == "zo":
+        engine_opts = {"eps": ZO["eps"], "zo_optimizer": "sgd"}
+        optim = {"optimizer": "sgd", "lr": ZO["full_lr"] if method == "full" else ZO["lr"], "scheduler": "constant"}
+    return config_from_dict({
+        "model": "minilm",
+        "task": {"kind": "seq_cls", "data": str(DATA / data), "options": {"max_length": max_len}},
+        "method": {"name": name, "options": dict(options)},
+        "engine": {"name": engine, "options": engine_opts},
+        "optim": optim, "seed": seed, "batch_size": batch, "eval_batch_size": 64, "max_steps": steps,
+        "train_limit": train_limit, "eval_every": eval_every, "eval_limit": eval_limit, "save_every": 0,
+        "keep_checkpoints": 1, "overwrite": True, "progress": False, "output_dir": out,
+    })
+
+
+def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_len: int, seed: int, out: str,
+             eval_every: int, threads: int = 1, train_limit: int | None = None,
+             eval_limit: int | None = None) -> dict[str, Any]:
+    """Train one GLUE/FPB cell and return its scores, curve and cost."""
+    import torch
+
+    from cotune.training.trainer import train
+
+    set_offline()
+    torch.set_num_threads(threads)
+    cfg = glue_config(task, method, engine, steps, batch, max_len, seed, out, eval_every, train_limit, eval_limit)
+    t0 = time.perf_counter()
+    res = train(cfg, verbose=False)
+    evals, trains = _read_log(Path(out) / "log.jsonl")
+    metric = GLUE_TASKS[task][1]
+    return {
+        "suite": "glue", "task": task, "method": method, "engine": engine, "metric": metric,
+        "best": res.validation.get(metric), "best_step": res.best_step,
+        "final": evals[-1].get(metric) if evals else None, "validation": res.validation,
+        "trainable_params": res.trainable_parameters, "train_seconds": res.train_seconds,
+        "seconds": time.perf_counter() - t0, "steps": res.steps,
+        "curve": [(e["step"], e.get(metric)) for e in evals], "loss": [(r["step"], r["loss"]) for r in trains],
+        "dev_loss": [(e["step"], e.get("loss")) for e in evals], "config": cfg.to_dict(),
+    }
+
+
+def run_llm_cell(data: str, steps: int, batch: int, seed: int, out: str, eval_limit: int, mmlu_limit: int,
+                 threads: int = 1, engine: str = "backprop") -> dict[str, Any]:
+    """SmolLM2 + LoRA (r 8, alpha 16, q/v) on GSM8K or the Alpaca demo; MMLU letter-logit accuracy before/after."""
+    import torch
+
+    from cotune.tasks import make_task
+    from cotune.training.config import config_from_dict
+    from cotune.training.trainer import Trainer
+
+    set_offline()
+    torch.set_num_threads(threads)
+    path, metric, max_len, new_tokens = LLM_TASKS[data]
+    cfg = config_from_dict({
+        "model": "smollm2",
+        "task": {"kind": "causal_lm", "data": str(DATA / path),
+                 "options": {"max_length": max_len, "max_new_tokens": new_tokens}},
+        "method": {"name": "lowrank", "options": {"r": 8, "lora_alpha": 16}},
+        "engine": {"name": engine, "options": {"placement": "thread"} if engine == "gl" else {}},
+        "optim": {"optimizer": "adamw", "lr": 2e-4, "scheduler": "linear", "warmup_steps": max(1, steps // 10)},
+        "seed": seed, "batch_size": batch, "eval_batch_size": 8, "max_steps": steps, "eval_every": 0,
+        "eval_limit": eval_limit, "save_every": 0, "keep_checkpoints": 1, "overwrite": True, "progress": False,
+        "output_dir": out,
+    })
+    task = make_task("causal_lm", str(DATA / path), model="smollm2", max_length=max_len, max_new_tokens=new_tokens)
+    mmlu = make_task("multiple_choice", str(DATA / "mmlu"), model="smollm2")
+    mmlu_rows = mmlu.load("validation").rows[:mmlu_limit]
+    # "before": the base model (a zero-initialised LoRA B leaves the function unchanged, so this is step 0)
+    base = task.build_model("smollm2")
+    with torch.no_grad():
+        before = task.evaluate(base, task.load("validation").rows, 8, eval_limit)
+        mmlu_before = mmlu.evaluate(base, mmlu_rows, 8)
+    del base
+    tr = Trainer(cfg, verbose=False)
+    res = tr.train()
+    tr.load_best()
+    with torch.no_grad():
+        mmlu_after = mmlu.evaluate(tr.model, mmlu_rows, 8)
+    _, trains = _read_log(Path(out) / "log.jsonl")
+    return {
+        "suite": "llm", "task": data, "method": "lowrank", "engine": engine, "metric": metric,
+        "before": before.get(metric), "best": res.validation.get(metric), "validation": res.validation,
+        "mmlu_before": mmlu_before.get("accuracy"), "mmlu_after": mmlu_after.get("accuracy"),
+        "mmlu_rows": len(mmlu_rows), "eval_rows": eval_limit, "trainable_params": res.trainable_parameters,
+        "train_seconds": res.train_seconds, "steps": res.steps, "loss": [(r["step"], r["loss"]) for r in trains],
+        "config": cfg.to_dict(),
+    }
+
+
+# -- tables and plots --------------------------------------------------------------------------------------------
+def glue_table(results: list[dict[str, Any]]) -> str:
+    """Rows: method (engine); columns: trainable parameters, each task's best dev score ×100, average."""
+    tasks = [t for t in GLUE_TASKS if any(r["task"] == t for r in results)]
+    keys = sorted({(r["method"], r["engine"]) for r in results},
+                  key=lambda k: (list(METHODS).index(k[0]), ENGINES.index(k[1])))
+    headers = ["method", "engine", "# params (K)", *(GLUE_TASKS[t][2] for t in tasks), "Avg.", "train s/cell"]
+    rows = []
+    for m, e in keys:
+        cells = {r["task"]: r for r in results if r["method"] == m and r["engine"] == e}
+        scores = [100 * cells[t]["best"] if t in cells and cells[t]["best"] is not None else None for t in tasks]
+        got = [s for s in scores if s is not None]
+        params = max(r["trainable_params"] for r in cells.values()) / 1000  # heads differ per task (STS-B: 1)
+        secs = sum(r["train_seconds"] for r in cells.values()) / len(cells)
+        rows.append([m, e, params, *scores, sum(got) / len(got) if len(got) == len(tasks) else None, secs])
+    return markdown_table(headers, rows, digits=1)
+
+
+def llm_table(results: list[dict[str, Any]]) -> str:
+    headers = ["data", "engine", "# params (K)", "metric", "before", "after (best dev)", "MMLU acc before",
+               "MMLU acc after", "steps", "train s"]
+    rows = [[r["task"], r["engine"], r["trainable_params"] / 1000, r["metric"], 100 * (r["before"] or 0),
+             100 * (r["best"] or 0), 100 * r["mmlu_before"], 100 * r["mmlu_after"], r["steps"], r["train_seconds"]]
+            for r in results]
+    return markdown_table(headers, rows, digits=1)
+
+
+def plot_curves(results: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Per task: dev metric vs step, one line per method/engine; per method: training loss vs step."""
+    paths = []
+    for task in sorted({r["task"] for r in results if r["suite"] == "glue"}):
+        rs = [r for r in results if r["task"] == task and r["suite"] == "glue"]
+        curves = {f"{r['method']} {r['engine']}": tuple(zip(*r["curve"])) for r in rs if r["curve"]}
+        paths.append(line_plot(out / f"curve_{task}.png", curves, "step", GLUE_TASKS[task][1],
+                               f"{task}: validation {GLUE_TASKS[task][1]} (MiniLM)"))
+    for method in sorted({r["method"] for r in results}):
+        rs = [r for r in results if r["method"] == method and r["loss"]]
+        curves = {f"{r['task']} {r['engine']}": tuple(zip(*r["loss"])) for r in rs}
+        paths.append(line_plot(out / f"loss_{method}.png", curves, "step", "training loss (mean over log window)",
+                               f"{method}: training loss"))
+    return paths
+
+
+# -- the suite ----------------------------------------------------------------------------------------------------
+def glue_cells(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    if args.preset == "budget" and not (args.tasks or args.methods or args.engines):
+        return list(BUDGET)
+    tasks = args.tasks.split(",") if args.tasks else list(GLUE_TASKS)
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    engines = args.engines.split(",") if args.engines else list(ENGINES)
+    return [(t, m, e) for t in tasks for m in methods for e in engines if e in ENGINES_OF[m]]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks quality", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="RTE, lowrank x backprop/gl/zo, 2 steps (< 30 s)")
+    p.add_argument("--suite", default="glue", choices=["glue", "llm", "all"])
+    p.add_argument("--preset", default="budget", choices=["budget", "full"],
+                   help="budget: the subset in docs/RESULTS.md; full: every task x method x engine")
+    p.add_argument("--tasks", default=None, help="comma list of: " + ", ".join(GLUE_TASKS))
+    p.add_argument("--methods", default=None, help="comma list of: " + ", ".join(METHODS))
+    p.add_argument("--engines", default=None, help="comma list of: " + ", ".join(ENGINES))
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per GLUE cell")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llm-steps", type=int, default=100)
+    p.add_argument("--llm-eval", type=int, default=40, help="validation rows scored by generation per LLM cell")
+    p.add_argument("--mmlu", type=int, default=200, help="MMLU rows (carved validation) scored before/after")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per cell")
+    p.add_argument("--out", default=None, help="output folder (default runs/bench/quality)")
+    p.add_argument("--report", action="store_true", help="only rebuild table.md and the plots from results.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    set_offline()
+    for name, valid in (("tasks", GLUE_TASKS), ("methods", METHODS), ("engines", ENGINES)):
+        bad = [x for x in (getattr(args, name) or "").split(",") if x and x not in valid]
+        if bad:
+            print(f"unknown {name} {bad}; valid: {', '.join(valid)}")
+            return 2
+    out = out_dir("quality", args.smoke, args.out)
+    if args.report:
+        return report(json.loads((out / "results.json").read_text())["results"], out)
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    def save() -> None:
+        write_json(out / "results.json", {"machine": machine(), "args": vars(args), "results": results,
+                                          "wall_seconds": time.perf_counter() - started})
+
+    if args.suite in ("glue", "all"):
+        cells = [("rte", "lowrank", e) for e in ENGINES] if args.smoke else glue_cells(args)
+        for task, method, engine in cells:
+            kw: dict[str, Any] = {
+                "task": task, "method": method, "engine": engine, "steps": 2 if args.smoke else args.steps,
+                "batch": 4 if args.smoke else args.batch_size, "max_len": 32 if args.smoke else args.max_length,
+                "seed": args.seed, "out": str(out / "runs" / f"{task}_{method}_{engine}"),
+                "eval_every": 1 if args.smoke else max(1, args.steps // 3), "threads": args.threads,
+            }
+            if args.smoke:
+                kw.update(train_limit=16, eval_limit=8)
+            t0 = time.perf_counter()
+            try:
+                r = run_cell(**kw) if args.smoke else run_isolated("benchmarks.quality:run_cell", kw)
+            except RuntimeError as e:  # one failing cell must not lose the others: record it and go on
+                print(f"  {task:5} {method:12} {engine:8} FAILED: {str(e).splitlines()[-1]}", flush=True)
+                results.append({"suite": "glue", "task": task, "method": method, "engine": engine,
+                                "error": str(e)[-2000:]})
+                save()
+                continue
+            results.append(r)
+            print(f"  {task:5} {method:12} {engine:8} best {r['metric']} {r['best']:.4f} (step {r['best_step']}) "
+                  f"params {r['trainable_params']}  {time.perf_counter() - t0:.0f} s", flush=True)
+            save()
+    if args.suite in ("llm", "all") and not args.smoke:
+        for data in LLM_TASKS:
+            kw = {"data": data, "steps": args.llm_steps, "batch": 4, "seed": args.seed,
+                  "out": str(out / "runs" / f"smollm2_{data}"), "eval_limit": args.llm_eval, "mmlu_limit": args.mmlu,
+                  "threads": args.threads}
+            try:
+                r = run_isolated("benchmarks.quality:run_llm_cell", kw, timeout=3 * 3600)
+            except RuntimeError as e:
+                print(f"  smollm2 {data} FAILED: {str(e).splitlines()[-1]}", flush=True)
+                results.append({"suite": "llm", "task": data, "error": str(e)[-2000:]})
+                save()
+                continue
+            results.append(r)
+            print(f"  smollm2 {data}: {r['metric']} {r['before']:.4f} -> {r['best']:.4f}; MMLU "
+                  f"{r['mmlu_before']:.4f} -> {r['mmlu_after']:.4f}", flush=True)
+            save()
+    report(results, out)
+    save()
+    failed = [r for r in results if "error" in r]
+    print(f"({time.perf_counter() - started:.0f} s)")
+    return 1 if failed else 0
+
+
+def report(results: list[dict[str, Any]], out: Path) -> int:
+    """Print and write the tables and plots of ``results`` (failed cells are listed, not scored)."""
+    ok = [r for r in results if "error" not in r]
+    text = []
+    if any(r["suite"] == "glue" for r in ok):
+        text.append(glue_table([r for r in ok if r["suite"] == "glue"]))
+    if any(r["suite"] == "llm" for r in ok):
+        text.append(llm_table([r for r in ok if r["suite"] == "llm"]))
+    print()
+    print("\n\n".join(text))
+    (out / "table.md").write_text("\n\n".join(text) + "\n")
+    plot_curves(ok, out)
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"FAILED {r['task']} {r.get('method', '')} {r.get('engine', '')}")
+    print(f"\n{len(ok)} cells, {len(failed)} failed; wrote {out}/results.json, table.md, curve_*.png, loss_*.png")
+    return 0

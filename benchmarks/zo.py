@@ -1,0 +1,203 @@
+"""Zeroth-order (MeZO) benchmark: memory of one step, and accuracy reached on SST-2.
+
+(a) Peak memory of one training step on SmolLM2-135M (causal LM, low-rank adapters on q/v) for plain
+    inference, one MeZO step and one backprop step (AdamW). Each mode runs in a fresh subprocess; after
+    the model and batch are loaded the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and
+    the figure is ``VmHWM − VmRSS`` before the step: the extra resident memory the step needed, measured
+    by the OS (it counts torch's allocations, which tracemalloc would not see).
+(b) MeZO training of low-rank adapters + the new head on MiniLM for SST-2: dev accuracy of the untrained
+    model, then after training (steps, wall time, accuracy).
+
+``python -m benchmarks zo [--smoke] [--steps N] [--lr LR] [--eps EPS]``; results in ``runs/bench/zo/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path("runs/bench/zo")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` field in bytes (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(mode: str, seq_len: int, batch: int, model_name: str = "smollm2") -> dict:
+    """Runs in a fresh process: the extra peak RSS of one ``mode`` step (bytes).
+
+    One inference forward runs first so that memory-mapped weights are resident before the counter is
+    reset (otherwise paging the weights in would be counted as the step's memory).
+    """
+    import gc
+
+    import torch
+
+    from cotune.adapters import attach
+    from cotune.engines import OptimConfig, make_engine
+    from cotune.models import load_model
+
+    torch.manual_seed(0)
+    if model_name == "minilm":  # the smoke run: a small model that loads in a second
+        model = load_model("minilm", "seq_cls", num_labels=2).eval()
+        ids = torch.randint(1000, 20000, (batch, seq_len))
+        data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(batch).long()}
+    else:
+        model = load_model(model_name, "causal_lm").eval()
+        ids = torch.randint(100, 10000, (batch, seq_len))
+        data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    attach(model, "lowrank", r=8, lora_alpha=16)
+
+    def loss_fn(m, b):
+        return m(**b).loss
+
+    eng = None
+    if mode != "inference":
+        eng = make_engine("zo" if mode == "mezo" else "backprop", model, OptimConfig(optimizer="adamw", lr=1e-4))
+    with torch.inference_mode():
+        loss_fn(model, data)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status("VmRSS")
+    t0 = time.perf_counter()
+    if mode == "inference":
+        with torch.inference_mode():
+            loss_fn(model, data)
+    else:
+        assert eng is not None
+        eng.step(loss_fn, data)
+    seconds = time.perf_counter() - t0
+    return {"mode": mode, "extra_peak_bytes": _status("VmHWM") - before, "seconds": seconds, "rss_before": before}
+
+
+def memory_table(seq_len: int, batch: int, model_name: str) -> list[dict]:
+    rows = []
+    for mode in ("inference", "mezo", "backprop"):
+        code = (
+            "import json, sys; from benchmarks.zo import memory_child; "
+            f"print('RESULT' + json.dumps(memory_child({mode!r}, {seq_len}, {batch}, {model_name!r})))"
+        )
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT")), None)
+        if line is None:
+            raise RuntimeError(f"memory measurement for {mode} failed:\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(line[len("RESULT") :]))
+    return rows
+
+
+def sst2(split: str, n: int | None = None) -> list[tuple[str, int]]:
+    path = SHARED / "glue" / "SST-2" / f"{split}.tsv"
+    if not path.is_file():
+        raise SystemExit(f"SST-2 not found at {path} (the benchmark needs ../shared/data)")
+    rows = [r.rsplit("\t", 1) for r in path.read_text().splitlines()[1:]]
+    out = [(s, int(y)) for s, y in rows]
+    return out[:n] if n else out
+
+
+def accuracy(model, tok, rows, max_length: int) -> float:
+    import torch
+
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(rows), 64):
+            chunk = rows[i : i + 64]
+            enc = tok([s for s, _ in chunk], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            pred = model(**enc).logits.argmax(-1)
+            correct += int((pred == torch.tensor([y for _, y in chunk])).sum())
+    return correct / len(rows)
+
+
+def mezo_sst2(steps: int, lr: float, eps: float, batch: int, max_length: int, dev_rows: int | None, seed: int) -> dict:
+    import torch
+
+    from cotune.adapters import attach, make_config, parameter_report
+    from cotune.engines import OptimConfig, make_engine
+    from cotune.models import load_model, load_tokenizer
+
+    torch.manual_seed(seed)
+    tok = load_tokenizer("minilm")
+    model = load_model("minilm", "seq_cls", num_labels=2).eval()
+    attach(model, [make_config("lowrank", r=8, lora_alpha=8), make_config("full")])
+    _, trainable, _ = parameter_report(model)
+    train, dev = sst2("train"), sst2("dev", dev_rows)
+    acc0 = accuracy(model, tok, dev, max_length)
+    eng = make_engine("zo", model, OptimConfig(lr=lr), eps=eps, seed=seed)
+    rng = random.Random(seed)
+
+    def loss_fn(m, b):
+        return m(**b[0], labels=b[1]).loss
+
+    t0 = time.perf_counter()
+    losses = []
+    for _ in range(steps):
+        chunk = rng.sample(train, batch)
+        enc = tok([s for s, _ in chunk], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        losses.append(eng.step(loss_fn, (dict(enc), torch.tensor([y for _, y in chunk]))).loss)
+        if steps >= 100 and len(losses) % (steps // 10) == 0:
+            recent = losses[-(steps // 10) :]
+            print(f"  step {len(losses)}/{steps}: mean loss {sum(recent) / len(recent):.4f}", flush=True)
+    seconds = time.perf_counter() - t0
+    acc1 = accuracy(model, tok, dev, max_length)
+    k = max(1, steps // 10)
+    return {
+        "steps": steps, "lr": lr, "eps": eps, "batch": batch, "trainable": trainable, "dev_rows": len(dev),
+        "acc_before": acc0, "acc_after": acc1, "train_seconds": seconds,
+        "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
+    }  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks zo", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="a tiny run (< 30 s): few steps, short sequences")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eps", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-memory", action="store_true", help="only the SST-2 part")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    OUT.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    if not args.skip_memory:
+        seq, bs, model_name = (32, 2, "minilm") if args.smoke else (256, 4, "smollm2")
+        # The smoke run measures in this process (fast); the full run uses a fresh process per mode.
+        rows = (
+            [memory_child(m, seq, bs, model_name) for m in ("inference", "mezo", "backprop")]
+            if args.smoke
+            else memory_table(seq, bs, model_name)
+        )
+        result["memory"] = {"model": model_name, "seq_len": seq, "batch": bs, "rows": rows}
+        print(f"(a) {model_name} + lowrank q/v, batch {bs} x {seq} tokens: extra peak RSS of one step")
+        base = rows[0]["extra_peak_bytes"]
+        for r in rows:
+            ratio = f"{r['extra_peak_bytes'] / base:6.2f}x inference" if base >= 2**20 else "inference ~0"
+            print(f"  {r['mode']:<10} {r['extra_peak_bytes'] / 2**20:9.1f} MiB  ({ratio})  {r['seconds']:.2f} s")
+    steps = 20 if args.smoke else args.steps
+    res = mezo_sst2(steps, args.lr, args.eps, 8 if args.smoke else args.batch_size, 32 if args.smoke else 64,
+                    64 if args.smoke else None, args.seed)  # fmt: skip
+    result["sst2"] = res
+    print(f"(b) MeZO on MiniLM SST-2 (lowrank r8 q/v + head, {res['trainable']:,} trainable), {res['steps']} steps, "
+          f"lr {res['lr']:g}, eps {res['eps']:g}, batch {res['batch']}: dev accuracy {res['acc_before']:.3f} -> "
+          f"{res['acc_after']:.3f} on {res['dev_rows']} rows, train loss {res['loss_first']:.3f} -> "
+          f"{res['loss_last']:.3f}, {res['train_seconds']:.0f} s")  # fmt: skip
+    name = "smoke.json" if args.smoke else "results.json"
+    (OUT / name).write_text(json.dumps(result, indent=2))
+    print(f"written {OUT / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,286 @@
+"""Per-row adapter application for mixed batches (DESIGN §4).
+
+A mixed batch carries one tenant id per row. ``TenantRouter`` is installed as the ``router`` of every
+``AdaptedModule`` while a mixed batch runs; at each site it
+
+1. groups the rows by tenant (``RowGroups``, computed once per batch),
+2. applies each tenant's adapter to that tenant's rows only, whatever its family and site kind (one
+   module may hold a sequential kron adapter for one tenant and a parallel low-rank one for another),
+3. runs the frozen base module ONCE for the whole batch (rows of a pre-site tenant see their modified
+   input; rows whose tenant has no adapter at this site get the plain base output),
+4. batches all same-shape, deterministic low-rank tenants of a site into one gathered matmul
+   (``torch.bmm`` over the tenants' stacked ``A``/``B`` indexed by each row's tenant).
+
+Every tenant's contribution still goes through the site's ``tap`` hook with that tenant's adapter and
+only that tenant's rows, so gradient learning captures ``(u, δ)`` already split by tenant.
+
+The base module must act row-wise on dim 0 (Linear, Conv1D, norms, Embedding do), which is also what
+makes a tenant's result in a mixed batch equal to its result alone.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cotune.adapters.base import Adapter
+from cotune.adapters.site import AdaptedModule
+from cotune.errors import CotuneError
+
+Rows = slice | torch.Tensor
+
+
+@dataclass
+class RowGroups:
+    """The rows of a mixed batch grouped by tenant.
+
+    ``groups``: ``(tenant, rows)`` in order of first appearance; ``rows`` is a ``slice`` when the tenant's
+    rows are contiguous (a view, no copy) and a ``LongTensor`` of row indices otherwise. ``contiguous``:
+    every group is a slice and together they cover ``0..n_rows`` in order (what the scheduler builds).
+    """
+
+    n_rows: int
+    groups: list[tuple[str, Rows]]
+    contiguous: bool
+    tenant_of_row: list[str] = field(repr=False)
+
+    @classmethod
+    def from_ids(cls, tenant_ids: Sequence[str]) -> RowGroups:
+        """Group ``tenant_ids`` (one per row)."""
+        ids = [str(t) for t in tenant_ids]
+        if not ids:
+            raise CotuneError("a mixed batch needs at least one row")
+        order: dict[str, list[int]] = {}
+        for i, t in enumerate(ids):
+            order.setdefault(t, []).append(i)
+        groups: list[tuple[str, Rows]] = []
+        contiguous = True
+        expected_start = 0
+        for t, idx in order.items():
+            if idx[-1] - idx[0] + 1 == len(idx):
+                groups.append((t, slice(idx[0], idx[-1] + 1)))
+                contiguous = contiguous and idx[0] == expected_start
+                expected_start = idx[-1] + 1
+            else:
+                groups.append((t, torch.tensor(idx, dtype=torch.long)))
+                contiguous = False
+        return cls(len(ids), groups, contiguous, ids)
+
+    def rows_of(self, tenant: str) -> Rows:
+        """The rows of ``tenant`` (error when it has none in this batch)."""
+        for t, r in self.groups:
+            if t == tenant:
+                return r
+        raise CotuneError(f"tenant {tenant!r} has no rows in this batch; present: {[t for t, _ in self.groups]}")
+
+
+def take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """``x[rows]`` along dim 0 (a view for a slice)."""
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows.to(x.device))
+
+
+def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
+    return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
+
+
+def assemble(
+    groups: RowGroups, base: torch.Tensor | None, pieces: dict[str, torch.Tensor], like: torch.Tensor
+) -> torch.Tensor:
+    """One batch tensor whose rows of tenant ``t`` are ``pieces[t]`` and whose other rows are ``base``'s.
+
+    Pieces may be narrower or wider than ``base`` in the last dim (task heads with different numbers of
+    labels): everything is zero-padded to the widest. Differentiable w.r.t. ``base`` and every piece.
+    """
+    widths = [p.shape[-1] for p in pieces.values()] + ([base.shape[-1]] if base is not None else [])
+    width = max(widths)
+    if groups.contiguous:
+        parts = []
+        for t, rows in groups.groups:
+            if t in pieces:
+                parts.append(_pad_last(pieces[t], width))
+            else:
+                if base is None:
+                    raise CotuneError("internal: rows without a piece and no base output")
+                parts.append(_pad_last(base[rows], width))
+        return torch.cat(parts, dim=0)
+    if base is not None:
+        out = _pad_last(base, width)
+    else:
+        shape = (groups.n_rows, *next(iter(pieces.values())).shape[1:-1], width)
+        out = like.new_zeros(shape)
+    for t, rows in groups.groups:
+        if t not in pieces:
+            continue
+        idx = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+        out = out.index_copy(0, idx.to(out.device), _pad_last(pieces[t], width).to(out.dtype))
+    return out
+
+
+def lowrank_key(ad: Adapter) -> tuple[Any, ...] | None:
+    """The shape key under which a low-rank adapter can share a gathered matmul, or ``None`` if it cannot.
+
+    Identified by structure (``lora_A``/``lora_B`` ``nn.Linear`` without bias, parallel site, no random
+    draws), not by family name, so any family of that shape is batched.
+    """
+    a, b = getattr(ad, "lora_A", None), getattr(ad, "lora_B", None)
+    if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)) or a.bias is not None or b.bias is not None:
+        return None
+    if ad.site != "parallel" or ad.stochastic or len(list(ad.children())) != 2:
+        return None
+    return (a.weight.shape, b.weight.shape, a.weight.device)
+
+
+def gathered_lowrank(x: torch.Tensor, row_tenant: torch.Tensor, ads: Sequence[Adapter]) -> torch.Tensor:
+    """``s_k B_k A_k x_i`` for every row ``i`` with ``k = row_tenant[i]``, as ONE pair of ``bmm`` calls.
+
+    ``x``: ``(n, ..., d_in)``; returns fp32 ``(n, ..., d_out)``. The tenants' weights are stacked on every
+    call (a few KB per tenant): that keeps autograd flowing to each tenant's own parameters (backprop)
+    and always reads the current weights (gradient learning updates them in place off the server).
+    """
+    a = torch.stack([ad.lora_A.weight.float() for ad in ads])  # (K, r, d_in)
+    scale = torch.tensor([float(ad.scaling) for ad in ads], dtype=torch.float32, device=a.device)
+    b = torch.stack([ad.lora_B.weight.float() for ad in ads]) * scale.view(-1, 1, 1)  # (K, d_out, r)
+    n = x.shape[0]
+    u = x.float().reshape(n, -1, x.shape[-1])  # (n, T, d_in)
+    row_tenant = row_tenant.to(a.device)
+    z = torch.bmm(u, a.index_select(0, row_tenant).transpose(1, 2))  # (n, T, r)
+    out = torch.bmm(z, b.index_select(0, row_tenant).transpose(1, 2))  # (n, T, d_out)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class TenantRouter:
+    """The ``AdaptedModule.router`` of a tenant bank: applies each row's own tenant adapter.
+
+    ``gather``: batch same-shape low-rank tenants in one gathered matmul (``False``: one matmul per
+    tenant, the reference the gathered path is tested against). ``merged``: optional ``{site path:
+    fp32 ΔW}`` added to the base weight for ALL rows instead of routing the mergeable adapters
+    (ColA's collaborative merged mode; see ``cotune.tenants.engine``).
+    """
+
+    def __init__(self, groups: RowGroups, gather: bool = True, merged: dict[str, torch.Tensor] | None = None):
+        self.groups = groups
+        self.gather = gather
+        self.merged = merged or {}
+        #: tenants whose adapters ``merged`` already covers at a site: ``{site path: set(tenants)}``.
+        self.merged_tenants: dict[str, set[str]] = {}
+
+    # -- one site ----------------------------------------------------------------------------------
+    def forward(self, site: AdaptedModule, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        g = self.groups
+        if x.shape[0] != g.n_rows:
+            raise CotuneError(
+                f"{site.path}: input has {x.shape[0]} rows on dim 0 but the mixed batch has {g.n_rows}; "
+                "per-row routing needs batch-first activations (this module reshapes its batch)"
+            )
+        skip = self.merged_tenants.get(site.path, set())
+        plan = [(t, rows, site.adapters[t]) for t, rows in g.groups if t in site.adapters and t not in skip]
+        if not plan and site.path not in self.merged:
+            return site.base(x, *args, **kwargs)
+
+        seeds = {t: (random.getrandbits(62) if ad.training and ad.stochastic else None) for t, _, ad in plan}
+        pieces: dict[str, torch.Tensor] = {}
+
+        # 1. pre sites: the module sees x + s·g(x) on those rows.
+        pre = [(t, r, ad) for t, r, ad in plan if ad.site == "pre"]
+        x_in = x
+        if pre:
+            pre_pieces = {}
+            for t, rows, ad in pre:
+                u = take(x, rows)
+                h = u + site.delta(ad, u, seeds[t]).to(u.dtype)
+                pre_pieces[t] = self._tap(site, ad, u, h, seeds[t])
+            x_in = assemble(g, x, pre_pieces, x)
+
+        # 2. one base call for the whole batch (skipped when every row's module is replaced).
+        replaced = {t for t, _, ad in plan if ad.site == "replace"}
+        y = None
+        if len(replaced) < len(g.groups):
+            y = self._base(site, x_in, *args, **kwargs)
+
+        # 3. parallel sites: gathered low-rank buckets, then one call per other tenant.
+        par = [(t, r, ad) for t, r, ad in plan if ad.site == "parallel"]
+        buckets: dict[Any, list[tuple[str, Rows, Adapter]]] = {}
+        singles = []
+        for item in par:
+            key = lowrank_key(item[2]) if self.gather else None
+            (buckets.setdefault(key, []) if key is not None else singles).append(item)
+        for members in buckets.values():
+            if len(members) == 1:
+                singles += members
+                continue
+            assert y is not None
+            fast = site.tap is None and len(members) == len(g.groups) and g.contiguous and len(plan) == len(members)
+            if fast:
+                # Every row is in this bucket and nothing needs per-tenant h: one add, no slicing.
+                row_tenant = _row_index(g, [t for t, _, _ in members])
+                return y + gathered_lowrank(x, row_tenant, [ad for _, _, ad in members]).to(y.dtype)
+            sub_rows, row_tenant, spans = _bucket_rows(g, members)
+            u_all = x if sub_rows is None else take(x, sub_rows)
+            d_all = gathered_lowrank(u_all, row_tenant, [ad for _, _, ad in members])
+            for (t, rows, ad), span in zip(members, spans, strict=True):
+                u = take(x, rows)
+                pieces[t] = self._tap(site, ad, u, take(y, rows) + take(d_all, span).to(y.dtype), None)
+        for t, rows, ad in singles:
+            assert y is not None
+            u = take(x, rows)
+            pieces[t] = self._tap(site, ad, u, take(y, rows) + site.delta(ad, u, seeds[t]).to(y.dtype), seeds[t])
+
+        # 4. sequential sites (u is the base output) and replaced modules (u is the input).
+        for t, rows, ad in plan:
+            if ad.site == "sequential":
+                assert y is not None
+                u = take(y, rows)
+                pieces[t] = self._tap(site, ad, u, u + site.delta(ad, u, seeds[t]).to(u.dtype), seeds[t])
+            elif ad.site == "replace":
+                u = take(x, rows)
+                pieces[t] = self._tap(site, ad, u, site.delta(ad, u, seeds[t]).to(u.dtype), seeds[t])
+
+        if not pieces:  # only pre-site tenants (or only the merged ΔW) here
+            return y  # type: ignore[return-value]
+        return assemble(g, y, pieces, x)
+
+    def _base(self, site: AdaptedModule, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        dw = self.merged.get(site.path)
+        if dw is None:
+            return site.base(x, *args, **kwargs)
+        base = site.base
+        if not isinstance(base, nn.Linear):
+            raise CotuneError(f"{site.path}: collaborative merged mode needs an nn.Linear base module")
+        w = (base.weight.float() + dw).to(base.weight.dtype)
+        return F.linear(x, w, base.bias)
+
+    @staticmethod
+    def _tap(site: AdaptedModule, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None) -> torch.Tensor:
+        return h if site.tap is None else site.tap(site, ad, u, h, seed)
+
+
+def _row_index(g: RowGroups, tenants: list[str]) -> torch.Tensor:
+    """Each row's position in ``tenants`` (every row's tenant must be listed)."""
+    pos = {t: i for i, t in enumerate(tenants)}
+    return torch.tensor([pos[t] for t in g.tenant_of_row], dtype=torch.long)
+
+
+def _bucket_rows(
+    g: RowGroups, members: list[tuple[str, Rows, Adapter]]
+) -> tuple[Rows | None, torch.Tensor, list[Rows]]:
+    """The rows of a bucket (``None``: all rows, in order), each row's tenant index, each tenant's span.
+
+    When the bucket covers the whole batch the original row order is kept, so each tenant's span is its
+    own ``rows``; otherwise the bucket's rows are gathered tenant after tenant and spans are consecutive.
+    """
+    if len(members) == len(g.groups):
+        return None, _row_index(g, [t for t, _, _ in members]), [rows for _, rows, _ in members]
+    idx, tenant_idx, spans, start = [], [], [], 0
+    for k, (_, rows, _) in enumerate(members):
+        r = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+        idx.append(r)
+        tenant_idx.append(torch.full((len(r),), k, dtype=torch.long))
+        spans.append(slice(start, start + len(r)))
+        start += len(r)
+    return torch.cat(idx), torch.cat(tenant_idx), spans

@@ -1,0 +1,271 @@
+"""The training configuration: dataclasses loaded from YAML, ``key=value`` overrides, strict key checking.
+
+A config file mirrors ``TrainConfig`` (see ``examples/*.yaml``)::
+
+    model: minilm
+    task: {kind: seq_cls, data: ../shared/data/glue/SST-2, options: {max_length: 64}}
+    method: {name: lowrank, options: {r: 8, lora_alpha: 8}}
+    engine: {name: gl, options: {interval: 1}}
+    optim: {optimizer: adamw, lr: 1.0e-3}
+    batch_size: 32
+    max_steps: 500
+    output_dir: runs/sst2-cola
+
+``task.data`` is a path (relative to the working directory), a known short name (``glue/SST-2``, ``sst2``,
+``gsm8k``, …) looked up under ``data_root`` then the task's default roots (``$COTUNE_DATA``, ``./data``,
+``../shared/data``), or a hub name when online (see ``cotune.tasks.catalog``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cotune.config import deep_update, parse_overrides
+from cotune.engines.base import OptimConfig
+from cotune.errors import CotuneError
+
+
+@dataclass
+class TaskConfig:
+    """What to learn: the task kind, where its data lives, and the task's own options (max_length, …)."""
+
+    kind: str = "seq_cls"  # seq_cls | causal_lm | multiple_choice | image_cls | seq2seq
+    data: str = ""  # a local folder/file in the task's published format, or a hub name when online
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    """Which adapters: a family or preset name (``cotune params`` lists them) and its options.
+
+    ``train_head``: for sequence classification a new head must be trained; ``auto`` adds a ``full``
+    config on it unless the method already covers it (PEFT's ``modules_to_save``).
+    """
+
+    name: str = "lowrank"
+    options: dict[str, Any] = field(default_factory=dict)
+    train_head: bool | str = "auto"  # auto | true | false
+
+
+@dataclass
+class EngineConfig:
+    """How the adapters learn: backprop | gl (ColA gradient learning) | zo (MeZO), plus engine options."""
+
+    name: str = "backprop"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; saved resolved as ``output_dir/config.yaml``."""
+
+    model: str = "minilm"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    #: Training length: ``max_steps`` micro-batches if set, else ``epochs`` passes over the train split.
+    max_steps: int | None = None
+    epochs: float = 1.0
+    #: Use only this many train rows (a seeded random subset), for quick runs.
+    train_limit: int | None = None
+    #: Evaluate on the validation split every N steps (0: only at the end) on at most ``eval_limit`` rows.
+    eval_every: int = 0
+    eval_limit: int | None = None
+    val_split: str = "validation"
+    #: Hold out this many train rows (int) or this fraction (float < 1) as the validation split instead.
+    val_size: float | None = None
+    #: Evaluate the best checkpoint on ``test_split`` at the end (never used for selection).
+    test: bool = False
+    test_split: str = "test"
+    test_limit: int | None = None
+    log_every: int = 10
+    #: Write ``checkpoint-N/`` every N steps (0: only at the end) and keep the last ``keep_checkpoints``.
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    output_dir: str = "runs/train"
+    overwrite: bool = False
+    resume: bool = False
+    data_root: str | None = None
+    device: str = "cpu"  # cpu | cuda | auto
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(d["optim"]["betas"])
+        return d
+
+    def task_options(self) -> dict[str, Any]:
+        """``task.options`` plus ``data_root`` (where the task looks up short/relative data names first)."""
+        opts = dict(self.task.options)
+        if self.data_root and "data_root" not in opts:
+            opts["data_root"] = self.data_root
+        return opts
+
+    def device_name(self) -> str:
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_value(where: str, tp: Any, value: Any) -> Any:
+    """Coerce ``value`` to annotation ``tp`` where YAML is looser (ints for floats, lists for tuples)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_value(where, a, value)
+            except CotuneError:
+                continue
+        raise CotuneError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise CotuneError(f"{where}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
+        return _from_dict(tp, value, where)
+    if tp is Any:
+        return value
+    if origin is dict or tp is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise CotuneError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise CotuneError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) != len(value):
+            raise CotuneError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_check_value(where, a, v) for a, v in zip(args, value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise CotuneError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise CotuneError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise CotuneError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise CotuneError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _from_dict(cls: type, d: dict[str, Any], where: str = "") -> Any:
+    types_ = _field_types(cls)
+    unknown = sorted(k for k in d if k not in types_)
+    if unknown:
+        place = f" in {where!r}" if where else ""
+        near = [m for k in unknown for m in difflib.get_close_matches(k, list(types_), n=1)]
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        raise CotuneError(f"unknown config key(s) {unknown}{place}{hint}; valid keys: {', '.join(types_)}")
+    kwargs = {k: _check_value(f"{where}.{k}" if where else k, types_[k], v) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """A validated ``TrainConfig``; unknown keys at any level are an error listing the valid ones."""
+    cfg: TrainConfig = _from_dict(TrainConfig, d)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range checks that the type check cannot express."""
+    if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
+        raise CotuneError("batch_size and eval_batch_size must be >= 1")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise CotuneError(f"max_steps must be >= 1 (got {cfg.max_steps}); leave it out to train for `epochs`")
+    if cfg.max_steps is None and not (cfg.epochs > 0 and math.isfinite(cfg.epochs)):
+        raise CotuneError(f"epochs must be > 0 (got {cfg.epochs})")
+    for name in ("eval_every", "save_every", "log_every"):
+        if getattr(cfg, name) < 0:
+            raise CotuneError(f"{name} must be >= 0")
+    if cfg.keep_checkpoints < 1:
+        raise CotuneError("keep_checkpoints must be >= 1 (the last checkpoint is what --resume continues from)")
+    if cfg.device not in ("cpu", "cuda", "auto") and not cfg.device.startswith("cuda:"):
+        raise CotuneError(f"device must be cpu, cuda, cuda:N or auto (got {cfg.device!r})")
+    if str(cfg.method.train_head).lower() not in ("auto", "true", "false"):
+        raise CotuneError(f"method.train_head must be auto, true or false (got {cfg.method.train_head!r})")
+    if cfg.val_size is not None and cfg.val_size <= 0:
+        raise CotuneError("val_size must be > 0 (a fraction < 1 or a number of rows)")
+    if not cfg.task.data:
+        raise CotuneError("task.data is empty: point it at the data set (a local folder/file, or a hub name)")
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a YAML config file, with clear errors for missing or malformed files."""
+    p = Path(path)
+    if not p.is_file():
+        raise CotuneError(f"config file {p} not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise CotuneError(f"config file {p} is not valid YAML: {e}") from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CotuneError(f"config file {p} must hold a mapping of keys (got {type(raw).__name__})")
+    return raw
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """``base`` (e.g. from a ColA run name), then the YAML file, then ``key=value`` overrides, validated."""
+    d: dict[str, Any] = dict(base or {})
+    if path is not None:
+        d = deep_update(d, read_yaml(path))
+    if overrides:
+        d = deep_update(d, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return config_from_dict(d)
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config (what ``cotune train`` reads back unchanged)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
