@@ -1,0 +1,52 @@
+"""``cotune serve --model minilm --root DIR``: the fine-tuning-as-a-service HTTP server (FastAPI + uvicorn).
+
+Binds to 127.0.0.1 unless ``--host`` says otherwise. State (SQLite, uploads, checkpoints, adapters) lives
+under ``--root``; starting again on the same root resumes every unfinished job from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from cotune.errors import CotuneError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="minilm", help="base model every tenant shares: a folder, minilm, smollm2, a hub name")
+    p.add_argument("--root", required=True, help="folder for the database, uploads, checkpoints and adapters")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload (413 above it)")
+    p.add_argument("--data-root", action="append", default=[], metavar="DIR",
+                   help="server folder jobs may name data under (repeatable; none by default)")
+    p.add_argument("--allow-hub", action="store_true", help="let jobs load Hugging Face hub data sets by name")
+    p.add_argument("--admin-token", default=None,
+                   help="require this token (header X-Admin-Token) to register tenants; also $COTUNE_ADMIN_TOKEN")
+    p.add_argument("--fitters", choices=("inprocess", "ray"), default="inprocess",
+                   help="where gradient-learning fitters run (ray needs the ray extra)")
+    p.add_argument("--checkpoint-every", type=int, default=20, help="default checkpoint interval in steps")
+    p.add_argument("--max-steps", type=int, default=100_000, help="largest step count a job may ask for")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the training loop (default: torch's)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cotune.service.api import create_app
+    from cotune.service.config import ServiceConfig
+
+    if args.port < 0 or args.port > 65535:
+        raise CotuneError(f"--port {args.port} is not a TCP port")
+    config = ServiceConfig(
+        root=args.root, model=args.model, host=args.host, port=args.port,
+        max_upload_bytes=int(args.max_upload_mb * 2**20), data_roots=args.data_root, allow_hub=args.allow_hub,
+        admin_token=args.admin_token, fitters=args.fitters, checkpoint_every=args.checkpoint_every,
+        max_steps=args.max_steps, torch_threads=args.threads,
+    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = create_app(config)
+    print(f"cotune serve: model {config.model}, root {config.root}, http://{config.host}:{config.port}", flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, access_log=False)
+    return 0

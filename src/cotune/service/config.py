@@ -1,0 +1,50 @@
+"""Settings of one ``cotune serve`` process (all have safe defaults: loopback only, no server-side paths)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cotune.errors import CotuneError
+
+
+@dataclass
+class ServiceConfig:
+    """What ``cotune serve`` is started with.
+
+    ``data_roots``: server-side folders a job may name data under (``{"path": ...}``); empty refuses paths.
+    ``allow_hub``: jobs may name a Hugging Face hub data set (needs the server online).
+    ``fitters``: where gradient-learning fitters run: ``inprocess`` (default) or ``ray``.
+    """
+
+    root: Path
+    model: str = "minilm"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = 50 * 2**20
+    data_roots: list[Path] = field(default_factory=list)
+    allow_hub: bool = False
+    admin_token: str | None = None
+    fitters: str = "inprocess"
+    checkpoint_every: int = 20
+    max_steps: int = 100_000
+    max_batch_size: int = 256
+    max_length: int = 512
+    max_predict_inputs: int = 64
+    max_predict_chars: int = 20_000
+    predict_wait_s: float = 0.01  # how long the runner waits to gather predict requests of several tenants
+    max_active_jobs: int = 16
+    torch_threads: int | None = None  # torch intra-op threads of the worker (None: torch's default)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).expanduser().resolve()
+        self.data_roots = [Path(p).expanduser().resolve() for p in self.data_roots]
+        if self.fitters not in ("inprocess", "ray"):
+            raise CotuneError(f"fitters must be inprocess or ray, not {self.fitters!r}")
+        if self.max_upload_bytes <= 0:
+            raise CotuneError("max_upload_bytes must be positive")
+        if self.checkpoint_every <= 0:
+            raise CotuneError("checkpoint_every must be positive")
+        if self.admin_token is None:
+            self.admin_token = os.environ.get("COTUNE_ADMIN_TOKEN") or None

@@ -1,0 +1,101 @@
+"""Request and response bodies of the HTTP API (pydantic; unknown fields are refused with a 422)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegisterRequest(Strict):
+    name: str = Field(min_length=1, max_length=100, description="a display name for the tenant")
+
+
+class RegisterResponse(BaseModel):
+    tenant_id: str
+    token: str = Field(description="send as 'Authorization: Bearer <token>'; shown only once")
+
+
+class DataRef(Strict):
+    """Exactly one of: an uploaded file, a path under one of the server's data roots, a hub data set."""
+
+    file_id: str | None = None
+    path: str | None = None
+    hub: str | None = None
+    split: str | None = Field(default=None, description="split name for hub data sets (default: train)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DataRef:
+        given = [k for k in ("file_id", "path", "hub") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of file_id, path, hub (got {given or 'none'})")
+        return self
+
+
+class OptimSpec(Strict):
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+
+
+class JobSpec(Strict):
+    """A training job: which task on which data, which adapter method, which engine, how long."""
+
+    task: str = Field(default="seq_cls", description="task kind for cotune.tasks.make_task (seq_cls, causal_lm, ...)")
+    task_options: dict[str, Any] = Field(default_factory=dict, description="e.g. num_labels, text columns")
+    train: DataRef
+    eval: DataRef | None = None
+    method: str = Field(default="lowrank", description="adapter family or preset (lowrank, kron, loretta_adp, ...)")
+    adapter: dict[str, Any] = Field(default_factory=dict, description="the method's options, e.g. r=8")
+    engine: Literal["backprop", "gl", "zo"] = "backprop"
+    engine_options: dict[str, Any] = Field(default_factory=dict)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=128, ge=8)
+    seed: int = Field(default=0, ge=0, lt=2**31)
+    checkpoint_every: int | None = Field(default=None, ge=1)
+
+
+class PredictRequest(Strict):
+    inputs: list[str] = Field(min_length=1, description="texts to classify (or prompts to complete)")
+    max_new_tokens: int = Field(default=16, ge=1, le=256, description="causal LM tasks only")
+
+
+class FileInfo(BaseModel):
+    id: str
+    filename: str
+    size: int
+    sha256: str
+    created: float
+
+
+class JobInfo(BaseModel):
+    id: str
+    status: str
+    step: int
+    total_steps: int
+    progress: float
+    checkpoint_step: int
+    resumed_from: int | None
+    error: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    result: dict[str, Any] | None
+    spec: dict[str, Any]
+
+
+class Metric(BaseModel):
+    step: int
+    name: str
+    value: float
+    time: float

@@ -1,0 +1,281 @@
+"""Durable state of the service: SQLite for tenants, files, jobs and metrics; blobs on disk under ``root``.
+
+Layout of ``root``::
+
+    cotune.db                 SQLite (WAL): tenants, files, jobs, metrics
+    files/<file id>/data.<ext> uploaded data, stored under a server-generated id (never the client's name)
+    jobs/<job id>/ckpt-<step>/ adapter + engine state of one checkpoint; ``jobs/<id>/LATEST`` names the newest
+    jobs/<job id>/adapter/    the finished adapter (PEFT format)
+
+Every write that a crash could tear is made to a temporary name and renamed into place, so after a SIGKILL
+the store holds either the old or the new version of each file, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cotune.errors import CotuneError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, token_hash TEXT NOT NULL, created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL REFERENCES tenants(id), filename TEXT NOT NULL,
+    ext TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL, created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL REFERENCES tenants(id), spec TEXT NOT NULL,
+    status TEXT NOT NULL, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL,
+    checkpoint_step INTEGER NOT NULL DEFAULT 0, resumed_from INTEGER, error TEXT,
+    created REAL NOT NULL, started REAL, finished REAL, result TEXT
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    job_id TEXT NOT NULL REFERENCES jobs(id), step INTEGER NOT NULL, name TEXT NOT NULL,
+    value REAL NOT NULL, time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_job ON metrics(job_id, step);
+CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs(tenant_id);
+CREATE INDEX IF NOT EXISTS files_tenant ON files(tenant_id);
+"""
+
+#: Job states. ``queued`` and ``running`` jobs are (re)started by the runner when the server starts.
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+ACTIVE_STATES = (QUEUED, RUNNING)
+FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
+
+
+def new_id() -> str:
+    """A server-generated identifier (32 hex digits): the only name anything gets on disk."""
+    return uuid.uuid4().hex
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (all or nothing on a crash)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+@dataclass
+class FileRecord:
+    id: str
+    tenant_id: str
+    filename: str
+    ext: str
+    size: int
+    sha256: str
+    created: float
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "filename": self.filename, "size": self.size, "sha256": self.sha256,
+                "created": self.created}
+
+
+@dataclass
+class JobRecord:
+    id: str
+    tenant_id: str
+    spec: dict[str, Any]
+    status: str
+    step: int
+    total_steps: int
+    checkpoint_step: int
+    resumed_from: int | None
+    error: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    result: dict[str, Any] | None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "status": self.status, "step": self.step, "total_steps": self.total_steps,
+            "progress": round(self.step / self.total_steps, 4) if self.total_steps else 0.0,
+            "checkpoint_step": self.checkpoint_step, "resumed_from": self.resumed_from, "error": self.error,
+            "created": self.created, "started": self.started, "finished": self.finished,
+            "result": self.result, "spec": self.spec,
+        }
+
+
+class Store:
+    """Thread-safe access to the service's SQLite database and its folders under ``root``."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.files_dir = self.root / "files"
+        self.jobs_dir = self.root / "jobs"
+        for d in (self.root, self.files_dir, self.jobs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        # One connection shared by the HTTP threads and the runner, serialised by the lock: SQLite allows one
+        # writer at a time anyway, and the statements here are all tiny.
+        self._db = sqlite3.connect(self.root / "cotune.db", check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            # WAL + synchronous=NORMAL: a committed transaction survives the process being killed.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+        self._clean_temporaries()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _clean_temporaries(self) -> None:
+        # Leftovers of an upload or checkpoint interrupted by a crash: never referenced, safe to delete.
+        for p in [*self.files_dir.glob(".*.tmp"), *self.files_dir.glob("*/.*.tmp")]:
+            p.unlink(missing_ok=True)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, args: tuple[Any, ...]) -> sqlite3.Row | None:
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- tenants -----------------------------------------------------------------------------------------
+    def add_tenant(self, tenant_id: str, name: str, token_hash: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO tenants VALUES (?, ?, ?, ?)", (tenant_id, name, token_hash, time.time()))
+
+    def tenant(self, tenant_id: str) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM tenants WHERE id = ?", (tenant_id,))
+        return dict(row) if row else None
+
+    # -- files -------------------------------------------------------------------------------------------
+    def file_path(self, file_id: str, ext: str) -> Path:
+        """Where file ``file_id`` lives; ids are hex, so the path cannot leave ``files/``."""
+        if not (len(file_id) == 32 and all(c in "0123456789abcdef" for c in file_id)):
+            raise CotuneError(f"invalid file id {file_id!r}")
+        return self.files_dir / file_id / f"data{ext}"
+
+    def add_file(self, rec: FileRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (rec.id, rec.tenant_id, rec.filename, rec.ext, rec.size, rec.sha256, rec.created),
+            )
+
+    def get_file(self, file_id: str, tenant_id: str) -> FileRecord | None:
+        """The file if it exists *and belongs to* ``tenant_id`` (other tenants' files look absent)."""
+        row = self._one("SELECT * FROM files WHERE id = ? AND tenant_id = ?", (file_id, tenant_id))
+        return FileRecord(**dict(row)) if row else None
+
+    def list_files(self, tenant_id: str) -> list[FileRecord]:
+        return [FileRecord(**dict(r)) for r in self._all(
+            "SELECT * FROM files WHERE tenant_id = ? ORDER BY created", (tenant_id,))]
+
+    def delete_file(self, rec: FileRecord) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM files WHERE id = ?", (rec.id,))
+        path = self.file_path(rec.id, rec.ext)
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass
+
+    # -- jobs --------------------------------------------------------------------------------------------
+    def add_job(self, job_id: str, tenant_id: str, spec: dict[str, Any], total_steps: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (id, tenant_id, spec, status, total_steps, created) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, tenant_id, json.dumps(spec), QUEUED, total_steps, time.time()),
+            )
+        (self.jobs_dir / job_id).mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> JobRecord:
+        d = dict(row)
+        d["spec"] = json.loads(d["spec"])
+        d["result"] = json.loads(d["result"]) if d["result"] else None
+        return JobRecord(**d)
+
+    def get_job(self, job_id: str, tenant_id: str | None = None) -> JobRecord | None:
+        """Job ``job_id``; with ``tenant_id``, only when it belongs to that tenant."""
+        if tenant_id is None:
+            row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        else:
+            row = self._one("SELECT * FROM jobs WHERE id = ? AND tenant_id = ?", (job_id, tenant_id))
+        return self._job(row) if row else None
+
+    def list_jobs(self, tenant_id: str | None = None, statuses: tuple[str, ...] | None = None) -> list[JobRecord]:
+        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if tenant_id is not None:
+            sql += " AND tenant_id = ?"
+            args.append(tenant_id)
+        if statuses:
+            sql += f" AND status IN ({','.join('?' * len(statuses))})"
+            args += list(statuses)
+        return [self._job(r) for r in self._all(sql + " ORDER BY created", tuple(args))]
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        allowed = {"status", "step", "checkpoint_step", "resumed_from", "error", "started", "finished", "result"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"cannot update job fields {sorted(bad)}")
+        if "result" in fields and fields["result"] is not None:
+            fields["result"] = json.dumps(fields["result"])
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._tx() as db:
+            db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def adapter_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "adapter"
+
+    # -- metrics -----------------------------------------------------------------------------------------
+    def add_metrics(self, job_id: str, step: int, values: dict[str, float]) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
+                [(job_id, step, k, float(v), now) for k, v in values.items()],
+            )
+
+    def truncate_metrics(self, job_id: str, after_step: int) -> None:
+        """Drop metrics logged after ``after_step`` (a resumed job repeats those steps from its checkpoint)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, after_step))
+
+    def metrics(self, job_id: str, since_step: int = -1, limit: int = 10_000) -> list[dict[str, Any]]:
+        rows = self._all(
+            "SELECT step, name, value, time FROM metrics WHERE job_id = ? AND step > ? ORDER BY step, rowid LIMIT ?",
+            (job_id, since_step, limit),
+        )
+        return [dict(r) for r in rows]

@@ -1,0 +1,181 @@
+"""What one job trains on: its task (``cotune.tasks``), its rows in a replayable order, its adapters and head.
+
+The service turns a job's data reference into a ``cotune.tasks`` task *without* letting the job name
+arbitrary server paths: uploads and data-root paths arrive here already resolved by the API, and hub names
+go straight to ``datasets`` (never through the local short-name lookup). Task options that would reach the
+file system (``data_root``) or override the service's own settings are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cotune.errors import CotuneError
+from cotune.service.store import atomic_write_json
+
+#: task kinds the service trains (the base model is loaded once, with a sequence-classification head)
+SERVICE_TASKS = ("seq_cls",)
+#: ``task_options`` a job may pass to ``make_task`` (nothing that names server paths or objects)
+ALLOWED_TASK_OPTIONS = (
+    "labels", "text_key", "text_pair_key", "label_key", "encoding", "regression", "on_bad_row", "max_rows",
+    "val_fraction", "test_fraction", "num_labels", "metric",
+)
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(:[A-Za-z0-9._-]+)?$")
+META = "meta.json"
+
+
+def model_task_for(model: str) -> str:
+    """How the shared base model is loaded: every service task so far is sequence classification."""
+    return "seq_cls"
+
+
+def check_task_options(options: dict[str, Any]) -> None:
+    bad = sorted(set(options) - set(ALLOWED_TASK_OPTIONS))
+    if bad:
+        raise CotuneError(f"task_options {bad} are not accepted by the service; allowed: {list(ALLOWED_TASK_OPTIONS)}")
+
+
+def hub_dataset(name: str, split: str | None, options: dict[str, Any]) -> Any:
+    """A hub data set by name, loaded with ``datasets`` only (no local path lookup)."""
+    if not _HUB_NAME.match(name) or ".." in name:
+        raise CotuneError(f"hub data set name {name!r} is not of the form owner/name[:config]")
+    from cotune.tasks.catalog import hub_offline
+    from cotune.tasks.hub import from_hub
+
+    if hub_offline():
+        raise CotuneError(f"the server is offline (HF_HUB_OFFLINE=1): it cannot load {name!r} from the hub")
+    repo, _, config = name.partition(":")
+    opts = {k: options[k] for k in ("labels", "text_key", "text_pair_key", "label_key", "regression") if k in options}
+    return from_hub(repo, config or None, name=name, **opts)
+
+
+class Workload:
+    """A job's task, rows, adapter configs and head, plus its deterministic batch order.
+
+    ``batch(step)`` depends only on (seed, step): row ``p = step·B + j`` of the endless stream is row
+    ``perm_e[p mod n]`` of epoch ``e = p // n``, with ``perm_e`` a permutation seeded by (seed, e).
+    """
+
+    def __init__(self, spec: dict[str, Any], data: dict[str, Any] | None, tokenizer: Any, model: nn.Module,
+                 job_dir: Path) -> None:
+        from cotune.adapters.methods import method_configs
+
+        self.spec = spec
+        self.kind = spec.get("task", "seq_cls")
+        if self.kind not in SERVICE_TASKS:
+            raise CotuneError(f"task {self.kind!r} is not served yet; the service trains: {', '.join(SERVICE_TASKS)}")
+        options = dict(spec.get("task_options") or {})
+        check_task_options(options)
+        self.tokenizer = tokenizer
+        self.max_length = int(spec.get("max_length", 128))
+        self.batch_size = int(spec.get("batch_size", 8))
+        self.seed = int(spec.get("seed", 0))
+        self.task: Any = None
+        self.train_rows: list[dict] = []
+        self.eval_rows: list[dict] = []
+        # The bank gives every job its own fresh head (``head``), replacing any head config of the method.
+        self.adapter_configs = method_configs(spec.get("method", "lowrank"), model, **(spec.get("adapter") or {}))
+        if data is None:  # a finished job reloaded for predictions: what it learned is in meta.json
+            meta = json.loads((job_dir / META).read_text())
+        else:
+            meta = self._load_data(data, options, job_dir)
+        self.label_names: list[str] | None = meta["label_names"]
+        self.regression: bool = meta["regression"]
+        self.num_labels: int = meta["num_labels"]
+        self.head = self.num_labels
+
+    def _load_data(self, data: dict[str, Any], options: dict[str, Any], job_dir: Path) -> dict[str, Any]:
+        from cotune.tasks.base import make_task
+
+        common = {"tokenizer": self.tokenizer, "max_length": self.max_length, "seed": self.seed}
+        train_ref = data["train"]
+        source = hub_dataset(train_ref["hub"], train_ref.get("split"), options) if train_ref.get("hub") else train_ref["path"]
+        self.task = make_task(self.kind, source, **common, **options)
+        self.train_rows = self.task.load("train").rows
+        if not self.train_rows:
+            raise CotuneError("the training data has no rows")
+        if data.get("eval"):
+            ref = data["eval"]
+            src = hub_dataset(ref["hub"], ref.get("split"), options) if ref.get("hub") else ref["path"]
+            # every row of a separate evaluation file is used: no carving
+            ev = make_task(self.kind, src, **common, **{**options, "val_fraction": 0.0, "test_fraction": 0.0,
+                                                        "labels": self.task.label_names})
+            self.eval_rows = ev.load("validation" if ref.get("hub") else "train").rows
+        else:
+            try:
+                self.eval_rows = self.task.load("validation").rows
+            except CotuneError:
+                self.eval_rows = []
+        meta = {"label_names": self.task.label_names, "regression": bool(self.task.regression),
+                "num_labels": int(self.task.num_labels), "task": self.kind, "train_rows": len(self.train_rows),
+                "eval_rows": len(self.eval_rows), "source": self.task.name}
+        atomic_write_json(job_dir / META, meta)
+        return meta
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.train_rows), generator=g)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The collated rows of training step ``step`` (replayable after a restart)."""
+        n, b = len(self.train_rows), self.batch_size
+        rows, perms = [], {}
+        for p in range(step * b, step * b + b):
+            e = p // n
+            if e not in perms:
+                perms[e] = self._perm(e)
+            rows.append(self.train_rows[int(perms[e][p % n])])
+        return self.task.collate(rows)
+
+    @staticmethod
+    def tenant_loss(logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean loss over the job's rows of a mixed batch (cross-entropy; MSE for one output)."""
+        from cotune.tenants.engine import classification_loss
+
+        return classification_loss(logits, targets)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return self.task.loss(model, batch)
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval_rows)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return {k: float(v) for k, v in self.task.evaluate(model, self.eval_rows).items()}
+
+    # -- predictions --------------------------------------------------------------------------------------------
+    predicts_labels = True
+
+    def encode_for_predict(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length or self.max_length,
+                             return_tensors="pt")
+        return dict(enc)
+
+    def decode_logits(self, logits: torch.Tensor) -> list[dict[str, Any]]:
+        logits = logits.float()
+        if self.regression:
+            return [{"value": float(v)} for v in logits.squeeze(-1).tolist()]
+        probs = torch.softmax(logits, -1)
+        out = []
+        for row in probs.tolist():
+            i = max(range(len(row)), key=row.__getitem__)
+            name = self.label_names[i] if self.label_names and i < len(self.label_names) else str(i)
+            out.append({"label": name, "label_id": i, "scores": [round(x, 6) for x in row]})
+        return out
+
+    def generate(self, bank: Any, key: str, inputs: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
+        raise CotuneError(f"task {self.kind!r} does not generate text")
+
+
+def build_workload(spec: dict[str, Any], data: dict[str, Any] | None, tokenizer: Any, model: nn.Module,
+                   model_task: str | None, job_dir: Path) -> Workload:
+    """The job's workload; ``data=None`` rebuilds a finished job's for predictions from its ``meta.json``."""
+    return Workload(spec, data, tokenizer, model, job_dir)

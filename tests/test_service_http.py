@@ -1,0 +1,267 @@
+"""The service over real HTTP: one ``cotune serve`` subprocess on a free loopback port, MiniLM, real SST-2 rows.
+
+What is proven here:
+* the whole tenant flow (register, upload, submit, poll, metrics, download, predict) works, and the downloaded
+  adapter loaded into Hugging Face PEFT gives the same class probabilities as the server's predictions;
+* predictions of two tenants answered in ONE routed base pass equal each tenant's own PEFT model;
+* every endpoint refuses another tenant's jobs, files and adapters (404) and requests without a valid token (401);
+* upload limits (413), path-escaping names, bad file types, server paths outside the data roots, and a
+  malformed data file (the job fails with a readable reason; the server keeps serving);
+* the OpenAPI schema lists the endpoints; the ``cotune client`` command talks to the server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from cotune.service.client import Client, ServiceError
+from cotune.service.launch import ServerProcess
+
+TINY = {"steps": 6, "batch_size": 4, "max_length": 32, "adapter": {"r": 4}, "optim": {"lr": 5e-3}}
+TEXTS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés", "it is what it is"]
+
+
+def sst2_rows(shared_data, n: int = 64, offset: int = 0) -> bytes:
+    lines = (shared_data / "glue" / "SST-2" / "train.tsv").read_text().splitlines()
+    return ("\n".join([lines[0], *lines[1 + offset : 1 + offset + n]]) + "\n").encode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("svc") / "root"
+    args = ["--threads", "1", "--max-upload-mb", "0.05", "--data-root", str(shared_data / "glue" / "SST-2"),
+            "--checkpoint-every", "3"]
+    with ServerProcess(root, args) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def alice(server, shared_data):
+    """Tenant A with one uploaded file and one finished job."""
+    c = Client(server.url)
+    c.register("alice")
+    f = c.upload_bytes(sst2_rows(shared_data), "train.tsv")
+    job = c.submit({"task": "seq_cls", "train": {"file_id": f["id"]}, **TINY})
+    st = c.wait(job["id"], timeout=180)
+    assert st["status"] == "succeeded", (st, server.log_tail())
+    yield c, f, st
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def bob(server, shared_data):
+    """Tenant B, trained on other rows with another rank, by ColA gradient learning."""
+    c = Client(server.url)
+    c.register("bob")
+    f = c.upload_bytes(sst2_rows(shared_data, offset=200), "b.tsv")
+    spec = {"task": "seq_cls", "train": {"file_id": f["id"]}, **TINY, "adapter": {"r": 2}, "seed": 3, "engine": "gl"}
+    st = c.wait(c.submit(spec)["id"], timeout=180)
+    assert st["status"] == "succeeded", (st, server.log_tail())
+    assert st["spec"]["engine"] == "gl" and any(m["name"] == "wire_bytes" for m in c.metrics(st["id"]))
+    yield c, f, st
+    c.close()
+
+
+def peft_probs(folder, texts: list[str]) -> torch.Tensor:
+    """Independent reference: the downloaded adapter loaded by Hugging Face PEFT on a fresh MiniLM."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from cotune.models import minilm_path
+
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    enc = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        return torch.softmax(model(**enc).logits.float(), -1)
+
+
+def test_openapi_lists_the_endpoints(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    paths = schema["paths"]
+    for p in ["/v1/tenants", "/v1/files", "/v1/files/{file_id}", "/v1/jobs", "/v1/jobs/{job_id}",
+              "/v1/jobs/{job_id}/metrics", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/adapter",
+              "/v1/jobs/{job_id}/adapter/{name}", "/v1/jobs/{job_id}/predict", "/healthz"]:
+        assert p in paths, p
+    assert "post" in paths["/v1/jobs"] and "get" in paths["/v1/jobs/{job_id}"]
+
+
+def test_flow_and_downloaded_adapter_matches_peft(alice, tmp_path):
+    c, f, st = alice
+    assert st["step"] == st["total_steps"] == 6 and st["progress"] == 1.0
+    assert {"train_loss", "eval"} <= set(st["result"]) and "accuracy" in st["result"]["eval"]
+    losses = [m for m in c.metrics(st["id"]) if m["name"] == "loss"]
+    assert [m["step"] for m in losses] == list(range(1, 7))  # one loss per step, each once
+    folder = c.download(st["id"], tmp_path / "adapter")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["modules_to_save"] == ["classifier"]
+    single = c.request("GET", f"/v1/jobs/{st['id']}/adapter/adapter_model.safetensors").content
+    assert single == (folder / "adapter_model.safetensors").read_bytes()
+    preds = c.predict(st["id"], TEXTS)
+    ref = peft_probs(folder, TEXTS)
+    got = torch.tensor([p["scores"] for p in preds])
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    assert [p["label"] for p in preds] == [str(int(i)) for i in ref.argmax(-1)]
+
+
+def test_two_tenants_predict_concurrently(alice, bob, tmp_path):
+    (ca, _, sa), (cb, _, sb) = alice, bob
+    ref_a = peft_probs(ca.download(sa["id"], tmp_path / "a"), TEXTS)
+    ref_b = peft_probs(cb.download(sb["id"], tmp_path / "b"), TEXTS)
+    assert not torch.allclose(ref_a, ref_b, atol=1e-4)  # the two tenants' adapters really differ
+    calls = [(ca, sa["id"]), (cb, sb["id"])] * 4
+    with ThreadPoolExecutor(8) as ex:
+        outs = list(ex.map(lambda cj: cj[0].predict(cj[1], TEXTS), calls))
+    for (_, jid), out in zip(calls, outs, strict=True):
+        ref = ref_a if jid == sa["id"] else ref_b
+        torch.testing.assert_close(torch.tensor([p["scores"] for p in out]), ref, atol=2e-5, rtol=0)
+
+
+def test_mixed_predict_pass_equals_each_tenant_alone(alice, bob, tmp_path, minilm_tokenizer):
+    """``predict_together`` answers both tenants in ONE routed forward; each equals its PEFT model."""
+    from cotune.models import load_model
+    from cotune.service.runner import predict_together
+    from cotune.service.workload import Workload
+    from cotune.tenants import TenantBank
+
+    (ca, _, sa), (cb, _, sb) = alice, bob
+    fa, fb = ca.download(sa["id"], tmp_path / "a"), cb.download(sb["id"], tmp_path / "b")
+    bank = TenantBank(load_model("minilm", "seq_cls").eval())
+    bank.add_tenant("a", fa)
+    bank.add_tenant("b", fb)
+    wl = Workload.__new__(Workload)  # prediction side only: tokenizer, labels, length
+    wl.tokenizer, wl.max_length, wl.regression, wl.label_names = minilm_tokenizer, 32, False, ["0", "1"]
+    calls = []
+    orig = bank.model.forward
+    bank.model.forward = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    outs = predict_together(bank, [("a", wl, TEXTS, 0), ("b", wl, TEXTS[:2], 0)])
+    assert len(calls) == 1  # one base pass for both tenants
+    torch.testing.assert_close(torch.tensor([p["scores"] for p in outs[0]]), peft_probs(fa, TEXTS), atol=2e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor([p["scores"] for p in outs[1]]), peft_probs(fb, TEXTS[:2]), atol=2e-5,
+                               rtol=0)
+
+
+def test_every_endpoint_refuses_other_tenants(server, alice, bob):
+    (ca, fa, sa), (cb, _, _) = alice, bob
+    jid, fid = sa["id"], fa["id"]
+    attempts = [
+        ("GET", f"/v1/jobs/{jid}", {}), ("GET", f"/v1/jobs/{jid}/metrics", {}),
+        ("POST", f"/v1/jobs/{jid}/cancel", {}), ("GET", f"/v1/jobs/{jid}/adapter", {}),
+        ("GET", f"/v1/jobs/{jid}/adapter/adapter_config.json", {}),
+        ("GET", f"/v1/jobs/{jid}/adapter/adapter_model.safetensors", {}),
+        ("POST", f"/v1/jobs/{jid}/predict", {"json": {"inputs": ["x"]}}),
+        ("GET", f"/v1/files/{fid}", {}), ("GET", f"/v1/files/{fid}/content", {}), ("DELETE", f"/v1/files/{fid}", {}),
+        ("POST", "/v1/jobs", {"json": {"train": {"file_id": fid}, **TINY}}),  # training on A's upload
+    ]
+    for method, path, kw in attempts:
+        with pytest.raises(ServiceError) as e:
+            cb.request(method, path, **kw)
+        assert e.value.status == 404, (method, path, e.value)
+    assert fid not in [f["id"] for f in cb.files()] and jid not in [j["id"] for j in cb.jobs()]
+    # no token / a forged token: 401 everywhere
+    anon = Client(server.url)
+    forged = Client(server.url, token=ca.token.split(".")[0] + ".AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+    for client in (anon, forged):
+        for method, path, kw in [*attempts, ("GET", "/v1/jobs", {}), ("GET", "/v1/files", {})]:
+            with pytest.raises(ServiceError) as e:
+                client.request(method, path, **kw)
+            assert e.value.status == 401, (method, path)
+    # the owner still has everything
+    assert ca.status(jid)["status"] == "succeeded" and ca.files()[0]["id"] == fid
+
+
+def test_tokens_are_stored_hashed(server, alice):
+    import hashlib
+    import sqlite3
+
+    c, _, _ = alice
+    db = sqlite3.connect(server.root / "cotune.db")
+    rows = dict(db.execute("SELECT id, token_hash FROM tenants").fetchall())
+    tid = c.me()["tenant_id"]
+    assert rows[tid] == hashlib.sha256(c.token.encode()).hexdigest()
+    dump = "\n".join(db.iterdump())
+    assert c.token not in dump and c.token.split(".")[1] not in dump
+
+
+def test_upload_limits_names_and_types(server, alice, shared_data):
+    c, _, _ = alice
+    with pytest.raises(ServiceError) as e:  # 0.05 MiB limit
+        c.upload_bytes(b"x\t1\n" * 20_000, "big.tsv")
+    assert e.value.status == 413
+    with pytest.raises(ServiceError) as e:  # no Content-Length: cut off while streaming
+        c.upload_bytes(iter([b"x\t1\n" * 5_000] * 4), "big.tsv")
+    assert e.value.status == 413
+    with pytest.raises(ServiceError) as e:
+        c.upload_bytes(b"abc", "evil.sh")
+    assert e.value.status == 400 and ".tsv" in str(e.value)
+    rec = c.upload_bytes(sst2_rows(shared_data, 8), "../../etc/passwd.tsv")
+    assert rec["filename"] == "passwd.tsv" and "/" not in rec["filename"]
+    stored = list((server.root / "files" / rec["id"]).iterdir())
+    assert [p.name for p in stored] == ["data.tsv"]
+    assert not (server.root.parent / "etc").exists() and not (server.root / "etc").exists()
+    assert c.request("GET", f"/v1/files/{rec['id']}/content").content == sst2_rows(shared_data, 8)
+    c.delete_file(rec["id"])
+    assert not (server.root / "files" / rec["id"]).exists()
+    with pytest.raises(ServiceError) as e:
+        c.request("GET", f"/v1/files/{'..%2F..%2Fetc%2Fpasswd'}")
+    assert e.value.status == 404
+
+
+def test_server_paths_only_under_data_roots(server, alice, shared_data):
+    c, _, _ = alice
+    for bad in ["/etc/passwd", str(shared_data / "glue" / "SST-2" / ".." / "CoLA" / "train.tsv")]:
+        with pytest.raises(ServiceError) as e:
+            c.submit({"train": {"path": bad}, **TINY})
+        assert e.value.status == 403 and "data roots" in str(e.value)
+    with pytest.raises(ServiceError) as e:
+        c.submit({"train": {"hub": "nyu-mll/glue:sst2"}, **TINY})
+    assert e.value.status == 403
+    with pytest.raises(ServiceError) as e:  # unknown fields are refused, not ignored
+        c.submit({"train": {"path": "x"}, "stepz": 3})
+    assert e.value.status == 422
+    ok = c.submit({"train": {"path": str(shared_data / "glue" / "SST-2" / "dev.tsv")}, **TINY, "steps": 2,
+                   "task_options": {"max_rows": 40}})
+    assert c.wait(ok["id"], timeout=180)["status"] == "succeeded"
+
+
+def test_malformed_upload_fails_the_job_not_the_server(server, alice):
+    c, _, st = alice
+    bad = c.upload_bytes(b"sentence\tlabel\nfine movie\t1\nno label column here\n", "bad.tsv")
+    job = c.submit({"train": {"file_id": bad["id"]}, **TINY})
+    out = c.wait(job["id"], timeout=120)
+    assert out["status"] == "failed" and "line 3" in out["error"], out["error"]
+    bad_opt = c.submit({"train": {"file_id": bad["id"]}, **TINY, "method": "no-such-family"})
+    assert "unknown" in c.wait(bad_opt["id"], timeout=60)["error"]
+    with pytest.raises(ServiceError) as e:
+        c.predict(job["id"], ["x"])
+    assert e.value.status == 409
+    assert c.health()["ok"] and c.predict(st["id"], ["still serving"])[0]["label"] in ("0", "1")
+
+
+def test_client_command(server, alice):
+    """``cotune client`` (a subprocess each: status with the token from the environment, then a bad token)."""
+    c, _, st = alice
+    env = {**os.environ, "COTUNE_TOKEN": c.token, "HF_HUB_OFFLINE": "1"}
+    run = [sys.executable, "-m", "cotune.cli", "client", "--url", server.url]
+    out = subprocess.run([*run, "status", st["id"]], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["status"] == "succeeded"
+    out = subprocess.run([*run, "--token", "nope", "status"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "HTTP 401" in out.stderr
+
+
+def test_zip_download_has_exactly_the_two_files(alice):
+    c, _, st = alice
+    data = c.request("GET", f"/v1/jobs/{st['id']}/adapter").content
+    assert sorted(zipfile.ZipFile(io.BytesIO(data)).namelist()) == ["adapter_config.json", "adapter_model.safetensors"]

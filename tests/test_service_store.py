@@ -1,0 +1,79 @@
+"""Store, tokens, upload names and checkpoints of the service, in-process (no HTTP, no model download)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from torch import nn
+
+from cotune.adapters import attach, trainable_parameters
+from cotune.service import checkpoints
+from cotune.service.api import safe_label
+from cotune.service.auth import hash_token, issue_token, verify_token
+from cotune.service.store import FileRecord, Store, new_id
+
+
+def test_tokens_hashed_and_verified(tmp_path):
+    store = Store(tmp_path)
+    tid, token = issue_token(store, "alice")
+    assert store.tenant(tid)["token_hash"] == hashlib.sha256(token.encode()).hexdigest() == hash_token(token)
+    assert token not in (tmp_path / "cotune.db").read_bytes().decode("latin-1")
+    assert verify_token(store, token) == tid
+    other_tid, other = issue_token(store, "bob")
+    secret = token.split(".", 1)[1]
+    for bad in [None, "", "garbage", f"{tid}.{secret[:-1]}x", f"{other_tid}.{secret}", f"{tid}.{other.split('.')[1]}",
+                f"{new_id()}.{secret}", token + " "]:
+        assert verify_token(store, bad) is None, bad
+
+
+def test_resources_are_scoped_to_their_tenant(tmp_path):
+    store = Store(tmp_path)
+    a, _ = issue_token(store, "a")
+    b, _ = issue_token(store, "b")
+    fid = new_id()
+    store.add_file(FileRecord(fid, a, "x.tsv", ".tsv", 3, "0" * 64, 0.0))
+    store.add_job("j1", a, {"train": {"file_id": fid}}, 5)
+    assert store.get_file(fid, a) is not None and store.get_file(fid, b) is None
+    assert store.get_job("j1", a) is not None and store.get_job("j1", b) is None
+    assert [j.id for j in store.list_jobs(b)] == []
+    with pytest.raises(Exception, match="invalid file id"):
+        store.file_path("../../etc/passwd", ".tsv")
+    store.add_metrics("j1", 1, {"loss": 1.0})
+    store.add_metrics("j1", 2, {"loss": 0.5})
+    store.truncate_metrics("j1", 1)
+    assert [m["step"] for m in store.metrics("j1")] == [1]
+
+
+@pytest.mark.parametrize(("name", "label"), [
+    ("../../etc/passwd.tsv", "passwd.tsv"), ("..\\..\\boot.ini.csv", "boot.ini.csv"), ("/abs/path/x.jsonl", "x.jsonl"),
+    ("a b;rm -rf.tsv", "a_b_rm_-rf.tsv"), ("..", "upload"), (".hidden.tsv", "hidden.tsv"),
+])
+def test_upload_names_become_harmless_labels(name, label):
+    assert safe_label(name) == label
+
+
+def test_checkpoint_latest_survives_a_torn_write(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    attach(model, "lowrank", name="t", target_modules=["0"], r=2)
+    params = trainable_parameters(model, "t")
+    opt = torch.optim.AdamW(params.values(), lr=0.1)
+    model(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    saved = {k: v.detach().clone() for k, v in params.items()}
+    checkpoints.save(tmp_path, model, "t", {"optimizer": opt.state_dict()}, {"step": 3})
+    # a later checkpoint interrupted before LATEST moved: a half-written temp folder only
+    (tmp_path / ".ckpt-6.tmp" / "adapter").mkdir(parents=True)
+    assert checkpoints.latest(tmp_path).name == "ckpt-3"
+    with torch.no_grad():
+        for p in params.values():
+            p.zero_()
+    state, opt_state = checkpoints.load(checkpoints.latest(tmp_path), model, "t")
+    assert state["step"] == 3
+    for k, v in trainable_parameters(model, "t").items():
+        assert torch.equal(v, saved[k])
+    assert opt_state["optimizer"]["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    checkpoints.save(tmp_path, model, "t", {"optimizer": opt.state_dict()}, {"step": 6})
+    assert checkpoints.latest(tmp_path).name == "ckpt-6" and not (tmp_path / "ckpt-3").exists()
