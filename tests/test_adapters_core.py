@@ -197,3 +197,11 @@ def test_cli_params(capsys):
     out = capsys.readouterr().out
     assert "transformer.h.*.attn.c_attn" in out and f"{12 * 4 * (768 + 2304):,}" in out
     assert main(["params", "--model", "config:gpt2", "--method", "nope"]) == 2
+
+
+def test_families_function_survives_subpackage_imports():
+    # Importing a family module must not shadow cotune.adapters.families (the function) with the subpackage.
+    import cotune.adapters as pkg
+    from cotune.adapters.families import kron  # noqa: F401
+
+    assert callable(pkg.families) and "kron" in pkg.families() and "lowrank" in cotune.families()
