@@ -118,6 +118,25 @@ def test_the_new_head_is_added_unless_the_method_covers_it(minilm_cls, shared_da
     # LayerNorm; embeddings: word, position, token_type, LayerNorm; the pooler; the classifier)
 
 
+
+def test_full_fine_tuning_of_every_module_computes_the_base_model(minilm_cls, shared_data, sst2_batch, tmp_path):
+    """``full`` on every leaf (integer-id embeddings included) is the base model, with every weight trainable."""
+    from cotune.adapters import attach
+
+    batch, labels = sst2_batch
+    with torch.no_grad():
+        ref = minilm_cls(**batch).logits
+    cfg = small_config(shared_data, tmp_path)
+    cfg.method = MethodConfig(name="full", options={"target_modules": "all"})
+    n_base = sum(p.numel() for p in minilm_cls.parameters())
+    attach(minilm_cls, adapter_configs(minilm_cls, cfg))
+    trainable = [p for p in minilm_cls.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == n_base
+    out = minilm_cls(**batch, labels=labels)
+    torch.testing.assert_close(out.logits, ref, rtol=0, atol=0)
+    out.loss.backward()
+    assert all(p.grad is not None for p in trainable)
+
 # -- output folder -----------------------------------------------------------------------------------------------
 def test_existing_output_folder_is_refused(shared_data, tmp_path):
     out = tmp_path / "run"

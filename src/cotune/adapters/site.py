@@ -79,8 +79,9 @@ class AdaptedModule(nn.Module):
     def apply_adapter(self, ad: Adapter, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base module's forward with ``ad`` applied at its site (``h``), through the tap."""
         seed = random.getrandbits(62) if ad.training and ad.stochastic else None
-        if ad.site == "replace":
-            h = self.delta(ad, x, seed).to(x.dtype)
+        if ad.site == "replace":  # the module's own output dtype: x may hold integer ids (an embedding)
+            h = self.delta(ad, x, seed)
+            h = h.to(x.dtype) if x.is_floating_point() else h
             return self._tapped(ad, x, h, seed)
         if ad.site == "pre":
             h = x + self.delta(ad, x, seed).to(x.dtype)
@@ -93,7 +94,7 @@ class AdaptedModule(nn.Module):
     @staticmethod
     def delta(ad: Adapter, u: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """``s·g(u)`` in fp32 (the caller casts): all adapter math runs in fp32 (DESIGN §2)."""
-        return ad.scaling * ad(u.float(), seed=seed)
+        return ad.scaling * ad(u.float() if u.is_floating_point() else u, seed=seed)
 
     def _tapped(self, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None) -> torch.Tensor:
         return h if self.tap is None else self.tap(self, ad, u, h, seed)
