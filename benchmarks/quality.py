@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -255,8 +256,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--llm-eval", type=int, default=40, help="validation rows scored by generation per LLM cell")
     p.add_argument("--mmlu", type=int, default=200, help="MMLU rows (carved validation) scored before/after")
     p.add_argument("--threads", type=int, default=1, help="torch threads per cell")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once (each in its own process)")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/quality)")
     p.add_argument("--report", action="store_true", help="only rebuild table.md and the plots from results.json")
+    p.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                   help="with --report: also take the cells of these output folders (a later cell replaces an "
+                        "earlier one with the same task, method and engine, e.g. a rerun of a failed cell)")
     return p.parse_args(argv)
 
 
@@ -270,7 +275,14 @@ def main(argv: list[str]) -> int:
             return 2
     out = out_dir("quality", args.smoke, args.out)
     if args.report:
-        return report(json.loads((out / "results.json").read_text())["results"], out)
+        merged: dict[tuple, dict[str, Any]] = {}
+        for folder in [out, *map(Path, args.merge)]:
+            for r in json.loads((folder / "results.json").read_text())["results"]:
+                merged[(r["suite"], r["task"], r.get("method"), r.get("engine"))] = r
+        if args.merge:
+            write_json(out / "results.json", {"machine": machine(), "merged_from": [str(out), *args.merge],
+                                              "results": list(merged.values())})
+        return report(list(merged.values()), out)
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
 
@@ -280,7 +292,9 @@ def main(argv: list[str]) -> int:
 
     if args.suite in ("glue", "all"):
         cells = [("rte", "lowrank", e) for e in ENGINES] if args.smoke else glue_cells(args)
-        for task, method, engine in cells:
+
+        def one(cell: tuple[str, str, str]) -> dict[str, Any]:
+            task, method, engine = cell
             kw: dict[str, Any] = {
                 "task": task, "method": method, "engine": engine, "steps": 2 if args.smoke else args.steps,
                 "batch": 4 if args.smoke else args.batch_size, "max_len": 32 if args.smoke else args.max_length,
@@ -294,14 +308,16 @@ def main(argv: list[str]) -> int:
                 r = run_cell(**kw) if args.smoke else run_isolated("benchmarks.quality:run_cell", kw)
             except RuntimeError as e:  # one failing cell must not lose the others: record it and go on
                 print(f"  {task:5} {method:12} {engine:8} FAILED: {str(e).splitlines()[-1]}", flush=True)
-                results.append({"suite": "glue", "task": task, "method": method, "engine": engine,
-                                "error": str(e)[-2000:]})
-                save()
-                continue
-            results.append(r)
+                return {"suite": "glue", "task": task, "method": method, "engine": engine, "error": str(e)[-2000:]}
             print(f"  {task:5} {method:12} {engine:8} best {r['metric']} {r['best']:.4f} (step {r['best_step']}) "
                   f"params {r['trainable_params']}  {time.perf_counter() - t0:.0f} s", flush=True)
-            save()
+            return r
+
+        # cells are independent subprocesses: --jobs N runs N at once (each with --threads torch threads)
+        with ThreadPoolExecutor(max_workers=1 if args.smoke else max(1, args.jobs)) as pool:
+            for r in pool.map(one, cells):
+                results.append(r)
+                save()
     if args.suite in ("llm", "all") and not args.smoke:
         for data in LLM_TASKS:
             kw = {"data": data, "steps": args.llm_steps, "batch": 4, "seed": args.seed,

@@ -119,7 +119,18 @@ def accuracy(model, tok, rows, max_length: int) -> float:
     return correct / len(rows)
 
 
-def mezo_sst2(steps: int, lr: float, eps: float, batch: int, max_length: int, dev_rows: int | None, seed: int) -> dict:
+def mezo_sst2(
+    steps: int,
+    lr: float,
+    eps: float,
+    batch: int,
+    max_length: int,
+    dev_rows: int | None,
+    seed: int,
+    zo_optimizer: str = "sgd",
+    zero_head: bool = False,
+    target: str | None = None,
+) -> dict:
     import torch
 
     from cotune.adapters import attach, make_config, parameter_report
@@ -129,11 +140,14 @@ def mezo_sst2(steps: int, lr: float, eps: float, batch: int, max_length: int, de
     torch.manual_seed(seed)
     tok = load_tokenizer("minilm")
     model = load_model("minilm", "seq_cls", num_labels=2).eval()
-    attach(model, [make_config("lowrank", r=8, lora_alpha=8), make_config("full")])
+    if zero_head:  # every logit starts at 0: the loss is flat in the adapter, so ZO noise there costs nothing yet
+        torch.nn.init.zeros_(model.classifier.weight)
+        torch.nn.init.zeros_(model.classifier.bias)
+    attach(model, [make_config("lowrank", r=8, lora_alpha=8, target_modules=target), make_config("full")])
     _, trainable, _ = parameter_report(model)
     train, dev = sst2("train"), sst2("dev", dev_rows)
     acc0 = accuracy(model, tok, dev, max_length)
-    eng = make_engine("zo", model, OptimConfig(lr=lr), eps=eps, seed=seed)
+    eng = make_engine("zo", model, OptimConfig(lr=lr), eps=eps, seed=seed, zo_optimizer=zo_optimizer)
     rng = random.Random(seed)
 
     def loss_fn(m, b):
@@ -152,7 +166,7 @@ def mezo_sst2(steps: int, lr: float, eps: float, batch: int, max_length: int, de
     acc1 = accuracy(model, tok, dev, max_length)
     k = max(1, steps // 10)
     return {
-        "steps": steps, "lr": lr, "eps": eps, "batch": batch, "trainable": trainable, "dev_rows": len(dev),
+        "steps": steps, "lr": lr, "eps": eps, "batch": batch, "zo_optimizer": zo_optimizer, "trainable": trainable, "dev_rows": len(dev),
         "acc_before": acc0, "acc_after": acc1, "train_seconds": seconds,
         "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
     }  # fmt: skip
@@ -166,6 +180,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zo-optimizer", default="sgd", help="sgd (MeZO), adam or momentum")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--dev-rows", type=int, default=None, help="evaluate on the first N dev rows (default: all 872)")
+    p.add_argument("--zero-head", action="store_true", help="start the new head at zero (all logits 0)")
+    p.add_argument("--target", default=None, help="lowrank target_modules regex (default: query/value of every layer)")
     p.add_argument("--skip-memory", action="store_true", help="only the SST-2 part")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -186,14 +205,15 @@ def main(argv: list[str]) -> int:
             ratio = f"{r['extra_peak_bytes'] / base:6.2f}x inference" if base >= 2**20 else "inference ~0"
             print(f"  {r['mode']:<10} {r['extra_peak_bytes'] / 2**20:9.1f} MiB  ({ratio})  {r['seconds']:.2f} s")
     steps = 20 if args.smoke else args.steps
-    res = mezo_sst2(steps, args.lr, args.eps, 8 if args.smoke else args.batch_size, 32 if args.smoke else 64,
-                    64 if args.smoke else None, args.seed)  # fmt: skip
+    res = mezo_sst2(steps, args.lr, args.eps, 8 if args.smoke else args.batch_size,
+                    32 if args.smoke else args.max_length, 64 if args.smoke else args.dev_rows, args.seed,
+                    args.zo_optimizer, args.zero_head, args.target)  # fmt: skip
     result["sst2"] = res
-    print(f"(b) MeZO on MiniLM SST-2 (lowrank r8 q/v + head, {res['trainable']:,} trainable), {res['steps']} steps, "
-          f"lr {res['lr']:g}, eps {res['eps']:g}, batch {res['batch']}: dev accuracy {res['acc_before']:.3f} -> "
+    print(f"(b) MeZO on MiniLM SST-2 (lowrank r8 {args.target or 'q/v'} + {'zero-init ' if args.zero_head else ''}head, {res['trainable']:,} trainable), {res['steps']} steps, "
+          f"zo_optimizer {res['zo_optimizer']}, lr {res['lr']:g}, eps {res['eps']:g}, batch {res['batch']}: dev accuracy {res['acc_before']:.3f} -> "
           f"{res['acc_after']:.3f} on {res['dev_rows']} rows, train loss {res['loss_first']:.3f} -> "
           f"{res['loss_last']:.3f}, {res['train_seconds']:.0f} s")  # fmt: skip
-    name = "smoke.json" if args.smoke else "results.json"
+    name = "smoke.json" if args.smoke else ("results.json" if not args.skip_memory else "sst2.json")
     (OUT / name).write_text(json.dumps(result, indent=2))
     print(f"written {OUT / name}")
     return 0

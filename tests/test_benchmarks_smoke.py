@@ -82,6 +82,15 @@ def test_quality_smoke(tmp_path) -> None:
     assert all(r["config"]["test"] is False for r in res.values())  # selection and scores on dev only
     assert (out / "curve_rte.png").stat().st_size > 0
     assert "RTE (acc)" in (out / "table.md").read_text()
+    # --report --merge: a second folder's cell (a rerun) replaces the first folder's cell of the same key
+    other = tmp_path / "rerun"
+    rerun = dict(res["zo"], best=0.987654)
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"results": [rerun]}))
+    assert quality.main(["--report", "--out", str(tmp_path), "--smoke", "--merge", str(other)]) == 0
+    merged = json.loads((out / "results.json").read_text())["results"]
+    assert len(merged) == 3 and sorted(r["best"] for r in merged if r["engine"] == "zo") == [0.987654]
+    assert "98.8" in (out / "table.md").read_text()
 
 
 def test_quality_rejects_unknown_names(capsys) -> None:
