@@ -141,8 +141,9 @@ def test_placements_agree(base, data):
 
 
 @pytest.mark.ray
-def test_ray_placement_agrees(base, data):
+def test_ray_placement_agrees(base, data, monkeypatch):
     ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_worker_niceness", "0")  # as RayFitter does for the cluster it starts itself
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         model = prepared(base, family_configs("lowrank", base))

@@ -18,6 +18,7 @@ A fitter that dies is reported at once (``CotuneError`` naming it and its exit c
 from __future__ import annotations
 
 import copy
+import os
 import queue
 import threading
 import time
@@ -407,6 +408,9 @@ class RayFitter:
             raise CotuneError("placement='ray' needs Ray: pip install 'cotune[ray]'") from e
         self.ray = ray
         if not ray.is_initialized():
+            # Ray nices its workers to 15; the server waits for every fitter step, so a niced actor starves
+            # behind any busy process (a trivial actor took 119 s instead of 10 s on 2 loaded cores).
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(include_dashboard=False, log_to_driver=False)
         self.name, self.timeout_s = name, float(timeout_s)
         self.params = {f"{p}.{k}": v for p, ad in adapters.items() for k, v in ad.named_parameters()}
