@@ -5,6 +5,8 @@ the Alpaca demo and MMLU), in the style of the AdaKron/LoRETTA result tables.
     python -m benchmarks quality --preset full --suite all   # every cell (hours on a CPU)
     python -m benchmarks quality --tasks sst2,rte --methods lowrank --engines backprop,gl,zo
     python -m benchmarks quality --smoke               # RTE, lowrank x 3 engines, 2 steps (< 30 s)
+    python -m benchmarks quality --jobs 2 ...          # two cells at once (one per core, 1 thread each)
+    python -m benchmarks quality --report --merge runs/bench/other   # one table from several output folders
 
 Every cell is one ``cotune.training.train`` run (the same loop as ``cotune train``) with FIXED budgets: seed 0,
 ``--steps`` optimizer steps (default 300) of batch 16, max_length 128, evaluation on the validation split
