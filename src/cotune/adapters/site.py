@@ -79,7 +79,7 @@ class AdaptedModule(nn.Module):
     def apply_adapter(self, ad: Adapter, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base module's forward with ``ad`` applied at its site (``h``), through the tap."""
         seed = random.getrandbits(62) if ad.training and ad.stochastic else None
-        if ad.site == "replace":  # the module's own output dtype: x may hold integer ids (an embedding)
+        if ad.site == "replace":  # a float input sets the output dtype; integer ids (an embedding) cannot
             h = self.delta(ad, x, seed)
             h = h.to(x.dtype) if x.is_floating_point() else h
             return self._tapped(ad, x, h, seed)
