@@ -5,10 +5,12 @@
     the model and batch are loaded the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and
     the figure is ``VmHWM − VmRSS`` before the step: the extra resident memory the step needed, measured
     by the OS (it counts torch's allocations, which tracemalloc would not see).
-(b) MeZO training of low-rank adapters + the new head on MiniLM for SST-2: dev accuracy of the untrained
-    model, then after training (steps, wall time, accuracy).
+(b) MeZO training of low-rank adapters on MiniLM for SST-2, with the new head trained alongside (``--head-init
+    random|zero``) or first fitted by linear probing and then frozen (``--head-init lp``): dev accuracy of the
+    untrained model, then after training (steps, wall time, accuracy).
 
-``python -m benchmarks zo [--smoke] [--steps N] [--lr LR] [--eps EPS]``; results in ``runs/bench/zo/``.
+``python -m benchmarks zo [--smoke] [--steps N] [--lr LR] [--eps EPS] [--head-init lp]``; results in
+``runs/bench/zo/``.
 """
 
 from __future__ import annotations
@@ -119,6 +121,26 @@ def accuracy(model, tok, rows, max_length: int) -> float:
     return correct / len(rows)
 
 
+def linear_probe(model, tok, rows: list[tuple[str, int]], max_length: int) -> None:
+    """Set MiniLM's 2-way head to a logistic regression (scikit-learn) on its frozen pooled features of ``rows``."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    feats = []
+    with torch.inference_mode():
+        for i in range(0, len(rows), 64):
+            enc = tok([s for s, _ in rows[i : i + 64]], return_tensors="pt", padding=True, truncation=True,
+                      max_length=max_length)  # fmt: skip
+            feats.append(model.bert(**enc).pooler_output)
+    # C is large: the pooled features are small (std ~0.06), so the weights must be large to separate them
+    clf = LogisticRegression(C=100.0, max_iter=5000).fit(torch.cat(feats).numpy(), np.array([y for _, y in rows]))
+    w, b = torch.tensor(clf.coef_[0], dtype=torch.float32), float(clf.intercept_[0])
+    with torch.no_grad():  # logit1 - logit0 = w.x + b, split evenly between the two logits
+        model.classifier.weight.copy_(torch.stack([-w / 2, w / 2]))
+        model.classifier.bias.copy_(torch.tensor([-b / 2, b / 2]))
+
+
 def mezo_sst2(
     steps: int,
     lr: float,
@@ -128,9 +150,17 @@ def mezo_sst2(
     dev_rows: int | None,
     seed: int,
     zo_optimizer: str = "sgd",
-    zero_head: bool = False,
+    head_init: str = "random",
     target: str | None = None,
+    lp_rows: int = 4000,
 ) -> dict:
+    """MeZO-train lowrank adapters on MiniLM for SST-2; dev accuracy before and after.
+
+    ``head_init``: ``random`` (the new head as transformers initialises it; trained with the adapters),
+    ``zero`` (all logits 0 at the start; trained), or ``lp`` (linear probing first: a logistic regression
+    on the frozen pooled features of ``lp_rows`` training rows, then MeZO trains the adapters only, with the
+    head frozen, so that what MeZO adds is measured on its own).
+    """
     import torch
 
     from cotune.adapters import attach, make_config, parameter_report
@@ -140,15 +170,19 @@ def mezo_sst2(
     torch.manual_seed(seed)
     tok = load_tokenizer("minilm")
     model = load_model("minilm", "seq_cls", num_labels=2).eval()
-    if zero_head:  # every logit starts at 0: the loss is flat in the adapter, so ZO noise there costs nothing yet
+    if head_init == "zero":  # every logit starts at 0: the loss is flat in the adapter, so ZO noise there costs nothing yet
         torch.nn.init.zeros_(model.classifier.weight)
         torch.nn.init.zeros_(model.classifier.bias)
-    attach(model, [make_config("lowrank", r=8, lora_alpha=8, target_modules=target), make_config("full")])
-    _, trainable, _ = parameter_report(model)
     train, dev = sst2("train"), sst2("dev", dev_rows)
-    acc0 = accuracy(model, tok, dev, max_length)
-    eng = make_engine("zo", model, OptimConfig(lr=lr), eps=eps, seed=seed, zo_optimizer=zo_optimizer)
     rng = random.Random(seed)
+    acc_untrained = acc0 = accuracy(model, tok, dev, max_length)
+    if head_init == "lp":
+        linear_probe(model, tok, rng.sample(train, lp_rows), max_length)
+        acc0 = accuracy(model, tok, dev, max_length)
+    head = [] if head_init == "lp" else [make_config("full")]
+    attach(model, [make_config("lowrank", r=8, lora_alpha=8, target_modules=target), *head])
+    _, trainable, _ = parameter_report(model)
+    eng = make_engine("zo", model, OptimConfig(lr=lr), eps=eps, seed=seed, zo_optimizer=zo_optimizer)
 
     def loss_fn(m, b):
         return m(**b[0], labels=b[1]).loss
@@ -167,7 +201,7 @@ def mezo_sst2(
     k = max(1, steps // 10)
     return {
         "steps": steps, "lr": lr, "eps": eps, "batch": batch, "zo_optimizer": zo_optimizer, "trainable": trainable, "dev_rows": len(dev),
-        "acc_before": acc0, "acc_after": acc1, "train_seconds": seconds,
+        "head_init": head_init, "acc_untrained": acc_untrained, "acc_before": acc0, "acc_after": acc1, "train_seconds": seconds,
         "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
     }  # fmt: skip
 
@@ -183,7 +217,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--zo-optimizer", default="sgd", help="sgd (MeZO), adam or momentum")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--dev-rows", type=int, default=None, help="evaluate on the first N dev rows (default: all 872)")
-    p.add_argument("--zero-head", action="store_true", help="start the new head at zero (all logits 0)")
+    p.add_argument("--head-init", default="random", choices=["random", "zero", "lp"],
+                   help="the new head: random or zero (trained with the adapters), or lp (a logistic regression "
+                        "on frozen features of --lp-rows train rows, then frozen: MeZO trains the adapters only)")
+    p.add_argument("--lp-rows", type=int, default=4000)
     p.add_argument("--target", default=None, help="lowrank target_modules regex (default: query/value of every layer)")
     p.add_argument("--skip-memory", action="store_true", help="only the SST-2 part")
     args = p.parse_args(argv)
@@ -207,10 +244,12 @@ def main(argv: list[str]) -> int:
     steps = 20 if args.smoke else args.steps
     res = mezo_sst2(steps, args.lr, args.eps, 8 if args.smoke else args.batch_size,
                     32 if args.smoke else args.max_length, 64 if args.smoke else args.dev_rows, args.seed,
-                    args.zo_optimizer, args.zero_head, args.target)  # fmt: skip
+                    args.zo_optimizer, args.head_init, args.target, 64 if args.smoke else args.lp_rows)  # fmt: skip
     result["sst2"] = res
-    print(f"(b) MeZO on MiniLM SST-2 (lowrank r8 {args.target or 'q/v'} + {'zero-init ' if args.zero_head else ''}head, {res['trainable']:,} trainable), {res['steps']} steps, "
-          f"zo_optimizer {res['zo_optimizer']}, lr {res['lr']:g}, eps {res['eps']:g}, batch {res['batch']}: dev accuracy {res['acc_before']:.3f} -> "
+    head = {"random": "+ head", "zero": "+ zero-init head", "lp": "; head linear-probed, then frozen"}[args.head_init]
+    lp = f"untrained head {res['acc_untrained']:.3f}, linear probe " if args.head_init == "lp" else ""
+    print(f"(b) MeZO on MiniLM SST-2 (lowrank r8 {args.target or 'q/v'} {head}; {res['trainable']:,} trainable), {res['steps']} steps, "
+          f"zo_optimizer {res['zo_optimizer']}, lr {res['lr']:g}, eps {res['eps']:g}, batch {res['batch']}: dev accuracy {lp}{res['acc_before']:.3f} -> "
           f"{res['acc_after']:.3f} on {res['dev_rows']} rows, train loss {res['loss_first']:.3f} -> "
           f"{res['loss_last']:.3f}, {res['train_seconds']:.0f} s")  # fmt: skip
     name = "smoke.json" if args.smoke else ("results.json" if not args.skip_memory else "sst2.json")
