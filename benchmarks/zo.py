@@ -246,7 +246,7 @@ def main(argv: list[str]) -> int:
                     32 if args.smoke else args.max_length, 64 if args.smoke else args.dev_rows, args.seed,
                     args.zo_optimizer, args.head_init, args.target, 64 if args.smoke else args.lp_rows)  # fmt: skip
     result["sst2"] = res
-    head = {"random": "+ head", "zero": "+ zero-init head", "lp": "; head linear-probed, then frozen"}[args.head_init]
+    head = {"random": "+ head", "zero": "+ zero-init head", "lp": "only, head linear-probed then frozen"}[args.head_init]
     lp = f"untrained head {res['acc_untrained']:.3f}, linear probe " if args.head_init == "lp" else ""
     print(f"(b) MeZO on MiniLM SST-2 (lowrank r8 {args.target or 'q/v'} {head}; {res['trainable']:,} trainable), {res['steps']} steps, "
           f"zo_optimizer {res['zo_optimizer']}, lr {res['lr']:g}, eps {res['eps']:g}, batch {res['batch']}: dev accuracy {lp}{res['acc_before']:.3f} -> "
