@@ -275,6 +275,9 @@ def main(argv: list[str]) -> int:
         if bad:
             print(f"unknown {name} {bad}; valid: {', '.join(valid)}")
             return 2
+    if args.merge and not args.report:  # merging only rebuilds tables; it must not silently start a new run
+        print("--merge only works with --report (it merges existing results.json files)")
+        return 2
     out = out_dir("quality", args.smoke, args.out)
     if args.report:
         merged: dict[tuple, dict[str, Any]] = {}

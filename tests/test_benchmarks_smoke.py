@@ -96,3 +96,5 @@ def test_quality_smoke(tmp_path) -> None:
 def test_quality_rejects_unknown_names(capsys) -> None:
     assert quality.main(["--tasks", "sst3"]) == 2
     assert "unknown tasks" in capsys.readouterr().out
+    assert quality.main(["--merge", "runs/bench/other"]) == 2
+    assert "--merge only works with --report" in capsys.readouterr().out
