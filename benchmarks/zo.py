@@ -121,18 +121,24 @@ def accuracy(model, tok, rows, max_length: int) -> float:
     return correct / len(rows)
 
 
+def features(model, tok, texts: list[str], max_length: int = 64):
+    """``(pooler_output, masked mean of the last hidden states)`` of MiniLM for ``texts``."""
+    import torch
+
+    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    with torch.inference_mode():
+        out = model.bert(**enc)
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    return out.pooler_output, (out.last_hidden_state * mask).sum(1) / mask.sum(1)
+
+
 def linear_probe(model, tok, rows: list[tuple[str, int]], max_length: int) -> None:
     """Set MiniLM's 2-way head to a logistic regression (scikit-learn) on its frozen pooled features of ``rows``."""
     import numpy as np
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    feats = []
-    with torch.inference_mode():
-        for i in range(0, len(rows), 64):
-            enc = tok([s for s, _ in rows[i : i + 64]], return_tensors="pt", padding=True, truncation=True,
-                      max_length=max_length)  # fmt: skip
-            feats.append(model.bert(**enc).pooler_output)
+    feats = [features(model, tok, [s for s, _ in rows[i : i + 64]], max_length)[0] for i in range(0, len(rows), 64)]
     # C is large: the pooled features are small (std ~0.06), so the weights must be large to separate them
     clf = LogisticRegression(C=100.0, max_iter=5000).fit(torch.cat(feats).numpy(), np.array([y for _, y in rows]))
     w, b = torch.tensor(clf.coef_[0], dtype=torch.float32), float(clf.intercept_[0])

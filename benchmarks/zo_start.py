@@ -23,21 +23,10 @@ import sys
 import time
 
 from benchmarks._common import out_dir, set_offline
-from benchmarks.zo import accuracy, sst2
+from benchmarks.zo import accuracy, features, sst2
 
 LABEL_WORDS = ("a bad movie", "a good movie")
 PROMPT, VERBALIZER = "Review: {s}\nSentiment:", (" negative", " positive")
-
-
-def features(model, tok, texts: list[str], max_length: int = 64):
-    """``(pooler_output, masked mean of the last hidden states)`` of MiniLM for ``texts``."""
-    import torch
-
-    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-    with torch.inference_mode():
-        out = model.bert(**enc)
-    mask = enc["attention_mask"].unsqueeze(-1).float()
-    return out.pooler_output, (out.last_hidden_state * mask).sum(1) / mask.sum(1)
 
 
 def minilm_start(steps: int, rows: int, dev_rows: int | None, lrs: tuple[float, ...]) -> dict:
