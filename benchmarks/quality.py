@@ -5,6 +5,8 @@ the Alpaca demo and MMLU), in the style of the AdaKron/LoRETTA result tables.
     python -m benchmarks quality --preset full --suite all   # every cell (hours on a CPU)
     python -m benchmarks quality --tasks sst2,rte --methods lowrank --engines backprop,gl,zo
     python -m benchmarks quality --smoke               # RTE, lowrank x 3 engines, 2 steps (< 30 s)
+    python -m benchmarks quality --smoke --suite llm   # SmolLM2 on GSM8K, 2 steps, 2 rows generated, 4 MMLU rows
+    python -m benchmarks quality --suite llm --llm-tasks alpaca   # one SmolLM2 data set
     python -m benchmarks quality --jobs 2 ...          # two cells at once (one per core, 1 thread each)
     python -m benchmarks quality --report --merge runs/bench/other   # one table from several output folders
 
@@ -141,8 +143,11 @@ def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_le
 
 
 def run_llm_cell(data: str, steps: int, batch: int, seed: int, out: str, eval_limit: int, mmlu_limit: int,
-                 threads: int = 1, engine: str = "backprop") -> dict[str, Any]:
-    """SmolLM2 + LoRA (r 8, alpha 16, q/v) on GSM8K or the Alpaca demo; MMLU letter-logit accuracy before/after."""
+                 threads: int = 1, engine: str = "backprop", train_limit: int | None = None,
+                 max_length: int | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """SmolLM2 + LoRA (r 8, alpha 16, q/v) on GSM8K or the Alpaca demo; MMLU letter-logit accuracy before/after.
+
+    ``train_limit``, ``max_length`` and ``max_new_tokens`` (default: ``LLM_TASKS``) only shrink the smoke run."""
     import torch
 
     from cotune.tasks import make_task
@@ -152,6 +157,7 @@ def run_llm_cell(data: str, steps: int, batch: int, seed: int, out: str, eval_li
     set_offline()
     torch.set_num_threads(threads)
     path, metric, max_len, new_tokens = LLM_TASKS[data]
+    max_len, new_tokens = max_length or max_len, max_new_tokens or new_tokens
     cfg = config_from_dict({
         "model": "smollm2",
         "task": {"kind": "causal_lm", "data": str(DATA / path),
@@ -160,7 +166,7 @@ def run_llm_cell(data: str, steps: int, batch: int, seed: int, out: str, eval_li
         "engine": {"name": engine, "options": {"placement": "thread"} if engine == "gl" else {}},
         "optim": {"optimizer": "adamw", "lr": 2e-4, "scheduler": "linear", "warmup_steps": max(1, steps // 10)},
         "seed": seed, "batch_size": batch, "eval_batch_size": 8, "max_steps": steps, "eval_every": 0,
-        "eval_limit": eval_limit, "save_every": 0, "keep_checkpoints": 1, "overwrite": True, "progress": False,
+        "train_limit": train_limit, "eval_limit": eval_limit, "save_every": 0, "keep_checkpoints": 1, "overwrite": True, "progress": False,
         "output_dir": out,
     })
     task = make_task("causal_lm", str(DATA / path), model="smollm2", max_length=max_len, max_new_tokens=new_tokens)
@@ -243,8 +249,10 @@ def glue_cells(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks quality", description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="RTE, lowrank x backprop/gl/zo, 2 steps (< 30 s)")
+    p.add_argument("--smoke", action="store_true",
+                   help="glue: RTE, lowrank x backprop/gl/zo, 2 steps (< 30 s); llm: GSM8K, 2 steps, 2 rows scored")
     p.add_argument("--suite", default="glue", choices=["glue", "llm", "all"])
+    p.add_argument("--llm-tasks", default=None, help="comma list of: " + ", ".join(LLM_TASKS))
     p.add_argument("--preset", default="budget", choices=["budget", "full"],
                    help="budget: the subset in docs/RESULTS.md; full: every task x method x engine")
     p.add_argument("--tasks", default=None, help="comma list of: " + ", ".join(GLUE_TASKS))
@@ -270,7 +278,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     set_offline()
-    for name, valid in (("tasks", GLUE_TASKS), ("methods", METHODS), ("engines", ENGINES)):
+    for name, valid in (("tasks", GLUE_TASKS), ("methods", METHODS), ("engines", ENGINES), ("llm_tasks", LLM_TASKS)):
         bad = [x for x in (getattr(args, name) or "").split(",") if x and x not in valid]
         if bad:
             print(f"unknown {name} {bad}; valid: {', '.join(valid)}")
@@ -323,11 +331,14 @@ def main(argv: list[str]) -> int:
             for r in pool.map(one, cells):
                 results.append(r)
                 save()
-    if args.suite in ("llm", "all") and not args.smoke:
-        for data in LLM_TASKS:
+    if args.suite in ("llm", "all"):
+        llm_tasks = args.llm_tasks.split(",") if args.llm_tasks else ["gsm8k"] if args.smoke else list(LLM_TASKS)
+        for data in llm_tasks:
             kw = {"data": data, "steps": args.llm_steps, "batch": 4, "seed": args.seed,
                   "out": str(out / "runs" / f"smollm2_{data}"), "eval_limit": args.llm_eval, "mmlu_limit": args.mmlu,
                   "threads": args.threads}
+            if args.smoke:
+                kw.update(steps=2, batch=2, eval_limit=2, mmlu_limit=4, train_limit=8, max_length=96, max_new_tokens=8)
             try:
                 r = run_isolated("benchmarks.quality:run_llm_cell", kw, timeout=3 * 3600)
             except RuntimeError as e:

@@ -98,3 +98,16 @@ def test_quality_rejects_unknown_names(capsys) -> None:
     assert "unknown tasks" in capsys.readouterr().out
     assert quality.main(["--merge", "runs/bench/other"]) == 2
     assert "--merge only works with --report" in capsys.readouterr().out
+
+
+def test_quality_llm_smoke(tmp_path) -> None:
+    assert quality.main(["--smoke", "--suite", "llm", "--out", str(tmp_path)]) == 0
+    (r,) = json.loads((tmp_path / "smoke" / "results.json").read_text())["results"]
+    assert (r["suite"], r["task"], r["metric"], r["steps"]) == ("llm", "gsm8k", "exact_match", 2)
+    # LoRA r 8 on SmolLM2's q_proj (576 -> 576) and v_proj (576 -> 192, grouped-query) in all 30 layers
+    assert r["trainable_params"] == 30 * 8 * ((576 + 576) + (576 + 192))
+    assert 0.0 <= r["before"] <= 1.0 and 0.0 <= r["best"] <= 1.0
+    assert r["mmlu_rows"] == 4 and 0.0 <= r["mmlu_before"] <= 1.0 and 0.0 <= r["mmlu_after"] <= 1.0
+    assert r["config"]["test"] is False and r["config"]["train_limit"] == 8
+    assert "gsm8k" in (tmp_path / "smoke" / "table.md").read_text()
+    assert quality.main(["--suite", "llm", "--llm-tasks", "gsm9k"]) == 2
