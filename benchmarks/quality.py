@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +268,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mmlu", type=int, default=200, help="MMLU rows (carved validation) scored before/after")
     p.add_argument("--threads", type=int, default=1, help="torch threads per cell")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (each in its own process)")
+    p.add_argument("--cell-timeout", type=float, default=6 * 3600,
+                   help="seconds one cell may run before it is recorded as failed (the others go on)")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/quality)")
     p.add_argument("--report", action="store_true", help="only rebuild table.md and the plots from results.json")
     p.add_argument("--merge", nargs="+", default=[], metavar="DIR",
@@ -318,18 +321,20 @@ def main(argv: list[str]) -> int:
                 kw.update(train_limit=16, eval_limit=8)
             t0 = time.perf_counter()
             try:
-                r = run_cell(**kw) if args.smoke else run_isolated("benchmarks.quality:run_cell", kw)
-            except RuntimeError as e:  # one failing cell must not lose the others: record it and go on
+                r = (run_cell(**kw) if args.smoke
+                     else run_isolated("benchmarks.quality:run_cell", kw, timeout=args.cell_timeout))
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # a failed cell must not lose the others
                 print(f"  {task:5} {method:12} {engine:8} FAILED: {str(e).splitlines()[-1]}", flush=True)
                 return {"suite": "glue", "task": task, "method": method, "engine": engine, "error": str(e)[-2000:]}
             print(f"  {task:5} {method:12} {engine:8} best {r['metric']} {r['best']:.4f} (step {r['best_step']}) "
                   f"params {r['trainable_params']}  {time.perf_counter() - t0:.0f} s", flush=True)
             return r
 
-        # cells are independent subprocesses: --jobs N runs N at once (each with --threads torch threads)
+        # cells are independent subprocesses: --jobs N runs N at once (each with --threads torch threads); each
+        # result is saved as soon as its cell ends, so a stopped run keeps every finished cell
         with ThreadPoolExecutor(max_workers=1 if args.smoke else max(1, args.jobs)) as pool:
-            for r in pool.map(one, cells):
-                results.append(r)
+            for future in as_completed([pool.submit(one, c) for c in cells]):
+                results.append(future.result())
                 save()
     if args.suite in ("llm", "all"):
         llm_tasks = args.llm_tasks.split(",") if args.llm_tasks else ["gsm8k"] if args.smoke else list(LLM_TASKS)
@@ -340,8 +345,8 @@ def main(argv: list[str]) -> int:
             if args.smoke:
                 kw.update(steps=2, batch=2, eval_limit=2, mmlu_limit=4, train_limit=8, max_length=96, max_new_tokens=8)
             try:
-                r = run_isolated("benchmarks.quality:run_llm_cell", kw, timeout=3 * 3600)
-            except RuntimeError as e:
+                r = run_isolated("benchmarks.quality:run_llm_cell", kw, timeout=args.cell_timeout)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
                 print(f"  smollm2 {data} FAILED: {str(e).splitlines()[-1]}", flush=True)
                 results.append({"suite": "llm", "task": data, "error": str(e)[-2000:]})
                 save()

@@ -111,3 +111,24 @@ def test_quality_llm_smoke(tmp_path) -> None:
     assert r["config"]["test"] is False and r["config"]["train_limit"] == 8
     assert "gsm8k" in (tmp_path / "smoke" / "table.md").read_text()
     assert quality.main(["--suite", "llm", "--llm-tasks", "gsm9k"]) == 2
+
+
+def test_quality_keeps_finished_cells_when_one_times_out(tmp_path, monkeypatch) -> None:
+    """A cell that runs past --cell-timeout is recorded as failed; the cells that finished are saved and scored."""
+    import subprocess
+
+    def fake_run_isolated(target, kw, timeout):
+        assert timeout == 5.0
+        if kw["engine"] == "gl":
+            raise subprocess.TimeoutExpired(["python"], timeout)
+        return {"suite": "glue", "task": kw["task"], "method": kw["method"], "engine": kw["engine"],
+                "metric": "accuracy", "best": 0.625, "best_step": 3, "trainable_params": 74498,
+                "train_seconds": 1.0, "curve": [(3, 0.625)], "loss": [(3, 0.69)], "dev_loss": [(3, 0.7)]}
+
+    monkeypatch.setattr(quality, "run_isolated", fake_run_isolated)
+    argv = ["--tasks", "rte", "--methods", "lowrank", "--engines", "backprop,gl", "--steps", "3", "--jobs", "2",
+            "--cell-timeout", "5", "--out", str(tmp_path)]
+    assert quality.main(argv) == 1  # a failed cell makes the run's exit code 1
+    res = {r["engine"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert "timed out after 5.0 seconds" in res["gl"]["error"]
+    assert res["backprop"]["best"] == 0.625 and "62.5" in (tmp_path / "table.md").read_text()
