@@ -143,6 +143,36 @@ def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_le
     }
 
 
+def cell_from_log(run: Path) -> dict[str, Any] | None:
+    """A GLUE cell's result rebuilt from its run folder's ``log.jsonl`` (None unless the run ended).
+
+    What ``--report`` uses for a cell that finished while its parent process did not record it (the parent
+    was stopped, or died): its best validation score (the first best, as the trainer selects), curve and cost.
+    """
+    log = run / "log.jsonl"
+    task, _, rest = run.name.partition("_")
+    method, _, engine = rest.rpartition("_")
+    if not log.exists() or task not in GLUE_TASKS or method not in METHODS or engine not in ENGINES:
+        return None
+    recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    start = next((r for r in recs if r["type"] == "start"), None)
+    end = next((r for r in recs if r["type"] == "end"), None)
+    evals, trains = _read_log(log)
+    metric = GLUE_TASKS[task][1]
+    scored = [e for e in evals if e.get(metric) is not None]
+    if start is None or end is None or not scored:
+        return None
+    best = max(scored, key=lambda e: e[metric])  # max() keeps the first of equal scores, as the trainer does
+    return {
+        "suite": "glue", "task": task, "method": method, "engine": engine, "metric": metric,
+        "best": best[metric], "best_step": best["step"], "final": evals[-1].get(metric),
+        "validation": {k: v for k, v in best.items() if k not in ("type", "step", "split")},
+        "trainable_params": start["trainable_parameters"], "train_seconds": end["seconds"], "steps": end["step"],
+        "curve": [(e["step"], e.get(metric)) for e in evals], "loss": [(r["step"], r["loss"]) for r in trains],
+        "dev_loss": [(e["step"], e.get("loss")) for e in evals], "recovered_from": str(log),
+    }
+
+
 def run_llm_cell(data: str, steps: int, batch: int, seed: int, out: str, eval_limit: int, mmlu_limit: int,
                  threads: int = 1, engine: str = "backprop", train_limit: int | None = None,
                  max_length: int | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
@@ -293,9 +323,19 @@ def main(argv: list[str]) -> int:
     if args.report:
         merged: dict[tuple, dict[str, Any]] = {}
         for folder in [out, *map(Path, args.merge)]:
-            for r in json.loads((folder / "results.json").read_text())["results"]:
+            saved = folder / "results.json"
+            for r in json.loads(saved.read_text())["results"] if saved.exists() else []:
                 merged[(r["suite"], r["task"], r.get("method"), r.get("engine"))] = r
-        if args.merge:
+            # cells that ended but were never recorded (their parent stopped first) come back from their logs
+            for run in sorted((folder / "runs").glob("*")) if (folder / "runs").is_dir() else []:
+                r = cell_from_log(run)
+                if r is None:
+                    continue
+                key = ("glue", r["task"], r["method"], r["engine"])
+                if key not in merged or "error" in merged[key]:
+                    merged[key] = r
+                    print(f"recovered {run.name} from its log")
+        if args.merge or any("recovered_from" in r for r in merged.values()):
             write_json(out / "results.json", {"machine": machine(), "merged_from": [str(out), *args.merge],
                                               "results": list(merged.values())})
         return report(list(merged.values()), out)

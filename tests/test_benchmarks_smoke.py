@@ -91,6 +91,14 @@ def test_quality_smoke(tmp_path) -> None:
     merged = json.loads((out / "results.json").read_text())["results"]
     assert len(merged) == 3 and sorted(r["best"] for r in merged if r["engine"] == "zo") == [0.987654]
     assert "98.8" in (out / "table.md").read_text()
+    # a cell that ended but never reached results.json (its parent stopped) is rebuilt from its run's log
+    kept = [r for r in merged if r["engine"] != "backprop"]
+    (out / "results.json").write_text(json.dumps({"results": kept}))
+    assert quality.main(["--report", "--out", str(tmp_path), "--smoke"]) == 0
+    back = {r["engine"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert back["backprop"]["recovered_from"].endswith("rte_lowrank_backprop/log.jsonl")
+    for key in ("best", "best_step", "trainable_params", "curve", "dev_loss", "steps"):
+        assert back["backprop"][key] == bp[key], key  # the same numbers, read back from the same log
 
 
 def test_quality_rejects_unknown_names(capsys) -> None:
