@@ -87,9 +87,26 @@ LLM_TASKS: dict[str, tuple[str, str, int, int]] = {
 
 
 # -- one cell (runs inside a fresh subprocess) ------------------------------------------------------------------
-def _read_log(path: Path) -> tuple[list[dict], list[dict]]:
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _split(recs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A log's eval records and its train records."""
     return [r for r in recs if r.get("type") == "eval"], [r for r in recs if r.get("type") == "train"]
+
+
+def _read_log(path: Path) -> tuple[list[dict], list[dict]]:
+    return _split(_records(path))
+
+
+def _curves(evals: list[dict], trains: list[dict], metric: str) -> dict[str, Any]:
+    """A cell's final dev score and its curves (dev metric, training loss, dev loss per step) from its log."""
+    return {
+        "final": evals[-1].get(metric) if evals else None,
+        "curve": [(e["step"], e.get(metric)) for e in evals], "loss": [(r["step"], r["loss"]) for r in trains],
+        "dev_loss": [(e["step"], e.get("loss")) for e in evals],
+    }
 
 
 def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max_len: int, seed: int,
@@ -134,12 +151,10 @@ def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_le
     metric = GLUE_TASKS[task][1]
     return {
         "suite": "glue", "task": task, "method": method, "engine": engine, "metric": metric,
-        "best": res.validation.get(metric), "best_step": res.best_step,
-        "final": evals[-1].get(metric) if evals else None, "validation": res.validation,
+        "best": res.validation.get(metric), "best_step": res.best_step, "validation": res.validation,
         "trainable_params": res.trainable_parameters, "train_seconds": res.train_seconds,
-        "seconds": time.perf_counter() - t0, "steps": res.steps,
-        "curve": [(e["step"], e.get(metric)) for e in evals], "loss": [(r["step"], r["loss"]) for r in trains],
-        "dev_loss": [(e["step"], e.get("loss")) for e in evals], "config": cfg.to_dict(),
+        "seconds": time.perf_counter() - t0, "steps": res.steps, **_curves(evals, trains, metric),
+        "config": cfg.to_dict(),
     }
 
 
@@ -154,10 +169,10 @@ def cell_from_log(run: Path) -> dict[str, Any] | None:
     method, _, engine = rest.rpartition("_")
     if not log.exists() or task not in GLUE_TASKS or method not in METHODS or engine not in ENGINES:
         return None
-    recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    recs = _records(log)
     start = next((r for r in recs if r["type"] == "start"), None)
     end = next((r for r in recs if r["type"] == "end"), None)
-    evals, trains = _read_log(log)
+    evals, trains = _split(recs)
     metric = GLUE_TASKS[task][1]
     scored = [e for e in evals if e.get(metric) is not None]
     if start is None or end is None or not scored:
@@ -165,11 +180,10 @@ def cell_from_log(run: Path) -> dict[str, Any] | None:
     best = max(scored, key=lambda e: e[metric])  # max() keeps the first of equal scores, as the trainer does
     return {
         "suite": "glue", "task": task, "method": method, "engine": engine, "metric": metric,
-        "best": best[metric], "best_step": best["step"], "final": evals[-1].get(metric),
+        "best": best[metric], "best_step": best["step"],
         "validation": {k: v for k, v in best.items() if k not in ("type", "step", "split")},
         "trainable_params": start["trainable_parameters"], "train_seconds": end["seconds"], "steps": end["step"],
-        "curve": [(e["step"], e.get(metric)) for e in evals], "loss": [(r["step"], r["loss"]) for r in trains],
-        "dev_loss": [(e["step"], e.get("loss")) for e in evals], "recovered_from": str(log),
+        **_curves(evals, trains, metric), "recovered_from": str(log),
     }
 
 
@@ -197,8 +211,8 @@ def run_llm_cell(data: str, steps: int, batch: int, seed: int, out: str, eval_li
         "engine": {"name": engine, "options": {"placement": "thread"} if engine == "gl" else {}},
         "optim": {"optimizer": "adamw", "lr": 2e-4, "scheduler": "linear", "warmup_steps": max(1, steps // 10)},
         "seed": seed, "batch_size": batch, "eval_batch_size": 8, "max_steps": steps, "eval_every": 0,
-        "train_limit": train_limit, "eval_limit": eval_limit, "save_every": 0, "keep_checkpoints": 1, "overwrite": True, "progress": False,
-        "output_dir": out,
+        "train_limit": train_limit, "eval_limit": eval_limit, "save_every": 0, "keep_checkpoints": 1,
+        "overwrite": True, "progress": False, "output_dir": out,
     })
     task = make_task("causal_lm", str(DATA / path), model="smollm2", max_length=max_len, max_new_tokens=new_tokens)
     mmlu = make_task("multiple_choice", str(DATA / "mmlu"), model="smollm2")
