@@ -110,10 +110,16 @@ def attach(
     """Attach adapter set ``name`` built from one config or several (e.g. adapters + a trainable head).
 
     ``config`` is a family name (``"lowrank"``) with ``overrides`` as its fields, an ``AdapterConfig``,
-    or a list of either. The base model's parameters are frozen; the new adapters are trainable. Returns
+    or a list of either; ``overrides`` apply to the entries given by name (config objects are used as they
+    are, unless no entry is a name). The base model's parameters are frozen; the new adapters are trainable. Returns
     ``model`` (changed in place) so calls chain.
     """
-    configs = [make_config(c, **overrides) for c in ([config] if isinstance(config, str | AdapterConfig) else config)]
+    entries = [config] if isinstance(config, str | AdapterConfig) else list(config)
+    # Keyword options belong to the families given by name; a ready-made config object is complete as it is
+    # (``["lowrank", make_config("full")], r=8`` must not hand ``r`` to the head). With no name among the
+    # entries, they update the config objects instead.
+    by_name = any(isinstance(c, str) for c in entries)
+    configs = [make_config(c, **overrides) if isinstance(c, str) or not by_name else c for c in entries]
     sets = dict(adapter_sets(model))
     if name in sets:
         raise CotuneError(f"adapter set {name!r} already exists; detach it first or choose another name")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cotune.adapters.attach import (
+    _original_names,
     active_set,
     adapter_sets,
     attach,
@@ -42,9 +43,29 @@ TASK_TYPES = {
 }
 
 
-def _task_type(model: nn.Module) -> str | None:
+#: PEFT task types whose model class adds these modules to ``modules_to_save`` and then expects their weights.
+HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS"}
+PEFT_HEAD_NAMES = ("classifier", "score")
+
+
+def _task_type(model: nn.Module, saved: set[str] | None = None) -> str | None:
+    """PEFT's task_type for ``model``, or None where PEFT could not load the saved weights under it.
+
+    PEFT's ``PeftModelForSequenceClassification`` (and token classification) always wraps the model's
+    ``classifier`` / ``score`` module as ``modules_to_save`` and raises ``KeyError`` on load when the adapter
+    holds no weights for it. An adapter that leaves the head untrained is therefore written with
+    ``task_type: null``, which PEFT loads as a plain ``PeftModel`` on the same base.
+    """
     name = type(model).__name__
-    return next((v for k, v in TASK_TYPES.items() if name.endswith(k)), None)
+    task = next((v for k, v in TASK_TYPES.items() if name.endswith(k)), None)
+    if task in HEAD_TASKS and saved is not None:
+        for path, mod in _original_names(model):
+            if path.rsplit(".", 1)[-1] not in PEFT_HEAD_NAMES:
+                continue
+            wanted = {f"{path}.{k}" for k, _ in getattr(mod, "base", mod).named_parameters()}
+            if not wanted <= saved:
+                return None
+    return task
 
 
 def _base_name(model: nn.Module) -> str | None:
@@ -70,7 +91,7 @@ def adapter_config_dict(model: nn.Module, name: str | None = None) -> dict[str, 
     fan_in_fan_out = any(type(s.base).__name__ == "Conv1D" for s in sites(model).values())
     out.update(
         base_model_name_or_path=_base_name(model),
-        task_type=_task_type(model),
+        task_type=_task_type(model, set(trainable_parameters(model, name))),
         modules_to_save=mts or None,
         inference_mode=True,
     )
@@ -129,8 +150,6 @@ def _from_peft(raw: dict[str, Any], path: Path) -> list[AdapterConfig]:
 
 def _present_heads(model: nn.Module, configs: list[AdapterConfig]) -> list[AdapterConfig]:
     # PEFT writes modules_to_save=["classifier", "score"] whatever the model has: keep those that exist.
-    from cotune.adapters.attach import _original_names
-
     names = [n for n, _ in _original_names(model)]
     out = []
     for c in configs:
