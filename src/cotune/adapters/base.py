@@ -56,7 +56,13 @@ class AdapterConfig:
             raise CotuneError(
                 f"unknown option(s) {unknown} for adapter family {cls.family!r}; valid: {sorted(names)}"
             )
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if strict:  # what a user typed: r="8" is an error naming the key, not a TypeError deep in the family
+            from cotune.config import check_value, field_types
+
+            types_ = field_types(cls)
+            kwargs = {k: check_value(f"{cls.family} option {k}", types_[k], v) for k, v in kwargs.items()}
+        return cls(**kwargs)
 
 
 class Adapter(nn.Module):
@@ -97,8 +103,20 @@ class Adapter(nn.Module):
         g.manual_seed(int(seed))
         return g
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the adapter's math: fp32, or float64 for a float64 adapter (a model in double).
+
+        Never below fp32 (half-precision activations are widened) and never below the adapter's own
+        precision: a float64 check of gradient learning must run in float64 end to end.
+        """
+        for p in self.parameters():
+            if p.is_floating_point():
+                return torch.float64 if p.dtype == torch.float64 else torch.float32
+        return torch.float32
+
     def delta_weight(self) -> torch.Tensor | None:
-        """``s·ΔW`` in ``nn.Linear`` layout ``(d_out, d_in)``, fp32; ``None`` when not mergeable."""
+        """``s·ΔW`` in ``nn.Linear`` layout ``(d_out, d_in)``, in ``compute_dtype``; ``None`` when not mergeable."""
         return None
 
     @property
@@ -121,7 +139,7 @@ class Adapter(nn.Module):
         # GPT-2 Conv1D stores (d_in, d_out); test the type, not the shape: attn.c_proj is square.
         if type(base).__name__ == "Conv1D" or (w.shape == dw.shape[::-1] and w.shape != dw.shape):
             dw = dw.T
-        return {"weight": (w.detach().float() + dw.to(w.device)).to(w.dtype)}
+        return {"weight": (w.detach().to(dw.dtype) + dw.to(w.device)).to(w.dtype)}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

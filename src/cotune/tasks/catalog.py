@@ -5,7 +5,9 @@ Resolution order for ``data``:
 1. an existing local file or folder (any path), its format recognised from its name and content;
 2. a known short name (``glue/SST-2``, ``sst2``, ``fpb``, ``gsm8k``, ``mmlu``, ``e2e``, ``alpaca``, ``c4``, ``wiki``,
    ``fashion-mnist``) or a relative path (``instruct/alpaca_en_demo.json``) looked up under the data roots:
-   the ``data_root`` option, then ``$COTUNE_DATA`` (``os.pathsep``-separated), ``./data``, ``../shared/data``;
+   the ``data_root`` option, then ``$COTUNE_DATA`` (``os.pathsep``-separated), ``./data``, ``../shared/data``; a
+   path through a folder named ``data`` (``../shared/data/glue/SST-2``) is also looked up there as its tail
+   (``glue/SST-2``), so an example config keeps working away from the repository;
 3. a Hugging Face hub name, ``owner/name`` or ``owner/name:config`` (a known short name not found locally falls
    back to its hub equivalent), loaded with ``datasets.load_dataset`` -- online only: with ``HF_HUB_OFFLINE=1``
    (or ``HF_DATASETS_OFFLINE=1``) this fails at once with a message naming the local alternative.
@@ -208,15 +210,23 @@ def resolve_data(data: str | os.PathLike, *, data_root: str | None = None, **opt
     key = ALIASES.get(s.lower().rstrip("/"), s.lower().rstrip("/"))
     roots = data_roots(data_root)
     rel = KNOWN[key][0] if key in KNOWN else s
+    # A path that runs through a folder named ``data`` (``../shared/data/glue/SST-2``: an example config used away
+    # from the repository) is also looked up as its tail (``glue/SST-2``) under the data roots.
+    parts = Path(s).parts
+    tails = [Path(*parts[i + 1 :]) for i, part in enumerate(parts[:-1]) if part == "data"]
     for root in roots:
-        if (root / rel).exists():
-            ds = from_path(root / rel, **opts)
+        hit = next((root / t for t in [rel, *tails] if (root / t).exists()), None)
+        if hit is not None:
+            ds = from_path(hit, **opts)
             if key in KNOWN:
                 ds.name = key
                 ds.task = ds.task or key.removeprefix("glue-")
             return ds
     if s.startswith(("/", "./", "../", "~")) or Path(s).suffix in (".tsv", ".csv", ".json", ".jsonl", ".txt", ".gz"):
-        raise CotuneError(f"data file or folder {s!r} does not exist (also looked under {', '.join(map(str, roots))})")
+        raise CotuneError(
+            f"data file or folder {s!r} does not exist (also looked under {', '.join(map(str, roots))}); "
+            "set data_root=/path/to/data or point task.data at your copy"
+        )
     if key in KNOWN:
         hub, config = KNOWN[key][1], KNOWN[key][2]
         local_hint = f"put the published files at <root>/{rel} under a data root ({', '.join(map(str, roots))})"

@@ -11,7 +11,7 @@ A config file mirrors ``TrainConfig`` (see ``examples/*.yaml``)::
     max_steps: 500
     output_dir: runs/sst2-cola
 
-``task.data`` is a path (relative to the working directory), a known short name (``glue/SST-2``, ``sst2``,
+``task.data`` is a path (relative to the config file's folder, else to the working directory), a known short name (``glue/SST-2``, ``sst2``,
 ``gsm8k``, …) looked up under ``data_root`` then the task's default roots (``$COTUNE_DATA``, ``./data``,
 ``../shared/data``), or a hub name when online (see ``cotune.tasks.catalog``).
 """
@@ -19,18 +19,15 @@ A config file mirrors ``TrainConfig`` (see ``examples/*.yaml``)::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cotune.config import deep_update, parse_overrides
+from cotune.config import deep_update, from_dict, parse_overrides
 from cotune.engines.base import OptimConfig
 from cotune.errors import CotuneError
 
@@ -123,92 +120,9 @@ class TrainConfig:
         return self.device
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _check_value(where: str, tp: Any, value: Any) -> Any:
-    """Coerce ``value`` to annotation ``tp`` where YAML is looser (ints for floats, lists for tuples)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _check_value(where, a, value)
-            except CotuneError:
-                continue
-        raise CotuneError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise CotuneError(f"{where}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
-        return _from_dict(tp, value, where)
-    if tp is Any:
-        return value
-    if origin is dict or tp is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise CotuneError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise CotuneError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if len(args) != len(value):
-            raise CotuneError(f"{where}: expected {len(args)} values, got {value!r}")
-        return tuple(_check_value(where, a, v) for a, v in zip(args, value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise CotuneError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise CotuneError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise CotuneError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise CotuneError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _from_dict(cls: type, d: dict[str, Any], where: str = "") -> Any:
-    types_ = _field_types(cls)
-    unknown = sorted(k for k in d if k not in types_)
-    if unknown:
-        place = f" in {where!r}" if where else ""
-        near = [m for k in unknown for m in difflib.get_close_matches(k, list(types_), n=1)]
-        hint = f" (did you mean {', '.join(near)}?)" if near else ""
-        raise CotuneError(f"unknown config key(s) {unknown}{place}{hint}; valid keys: {', '.join(types_)}")
-    kwargs = {k: _check_value(f"{where}.{k}" if where else k, types_[k], v) for k, v in d.items()}
-    return cls(**kwargs)
-
-
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """A validated ``TrainConfig``; unknown keys at any level are an error listing the valid ones."""
-    cfg: TrainConfig = _from_dict(TrainConfig, d)
+    cfg: TrainConfig = from_dict(TrainConfig, d)
     validate(cfg)
     return cfg
 
@@ -234,6 +148,16 @@ def validate(cfg: TrainConfig) -> None:
         raise CotuneError("val_size must be > 0 (a fraction < 1 or a number of rows)")
     if not cfg.task.data:
         raise CotuneError("task.data is empty: point it at the data set (a local folder/file, or a hub name)")
+    # The method's options, type-checked now (r="8" is one error line), not after the model has loaded.
+    from cotune.adapters.methods import method_configs
+
+    options = dict(cfg.method.options)
+    if options.get("target_modules") == "all":  # expanded against the model later
+        options.pop("target_modules")
+    try:
+        method_configs(cfg.method.name, None, **options)
+    except CotuneError as e:
+        raise CotuneError(f"method {cfg.method.name!r}: {e}") from e
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -260,10 +184,35 @@ def load_config(
     """``base`` (e.g. from a ColA run name), then the YAML file, then ``key=value`` overrides, validated."""
     d: dict[str, Any] = dict(base or {})
     if path is not None:
-        d = deep_update(d, read_yaml(path))
+        d = deep_update(d, relative_to_file(read_yaml(path), Path(path).parent))
     if overrides:
         d = deep_update(d, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     return config_from_dict(d)
+
+
+def _near_file(value: Any, folder: Path) -> Any:
+    """``value`` made absolute against ``folder`` when it is a relative path that exists there."""
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        return value
+    here = folder / value
+    return os.path.normpath(here.absolute()) if here.exists() else value
+
+
+def relative_to_file(d: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A config file's mapping with its local paths (``task.data``, ``data_root``, ``model``) read from ``folder``.
+
+    A path written in a config file means a place next to that file, wherever ``cotune train`` runs from, so an
+    example copied elsewhere keeps its meaning. A value that does not exist beside the file (a short data name such
+    as ``glue/SST-2``, a registry model such as ``minilm``, a hub name) is left as it is and resolved as before:
+    the working directory, then ``data_root`` and the data roots (``cotune.tasks.catalog``).
+    """
+    out = dict(d)
+    for key in ("data_root", "model"):
+        if key in out:
+            out[key] = _near_file(out[key], folder)
+    if isinstance(out.get("task"), dict) and "data" in out["task"]:
+        out["task"] = {**out["task"], "data": _near_file(out["task"]["data"], folder)}
+    return out
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
