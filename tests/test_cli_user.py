@@ -42,7 +42,7 @@ def test_copied_example_trains_with_data_root(tmp_path, shared_data):
     assert (tmp_path / "runs" / "lora_minilm_sst2" / "adapter" / "adapter_config.json").is_file()
 
 
-def test_paths_in_a_config_are_relative_to_its_folder(tmp_path, shared_data):
+def test_paths_in_a_config_are_relative_to_its_folder(tmp_path, shared_data, monkeypatch):
     project = tmp_path / "project"
     (project / "configs").mkdir(parents=True)
     (project / "data").mkdir()
@@ -52,11 +52,8 @@ def test_paths_in_a_config_are_relative_to_its_folder(tmp_path, shared_data):
     (project / "configs" / "run.yaml").write_text(yaml.safe_dump(cfg))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    os.chdir(elsewhere)  # noqa: PTH - the working directory must not matter
-    try:
-        loaded = load_config(project / "configs" / "run.yaml")
-    finally:
-        os.chdir(REPO)
+    monkeypatch.chdir(elsewhere)  # the working directory must not matter
+    loaded = load_config(project / "configs" / "run.yaml")
     assert Path(loaded.task.data) == (project / "data" / "sst2").absolute()
     # A short name or a missing path is left for the data roots, as before.
     cfg["task"]["data"] = "glue/SST-2"
