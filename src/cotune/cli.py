@@ -44,7 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling ``key=value ...`` after an option (``train x.yaml --overwrite max_steps=2``):
+    # give such late overrides to the commands that take overrides; anything else is still an error.
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if late and isinstance(getattr(args, "overrides", None), list):
+        args.overrides += late
+        extra = [a for a in extra if a not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args._run(args) or 0)
     except CotuneError as e:

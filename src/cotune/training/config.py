@@ -195,7 +195,7 @@ def _near_file(value: Any, folder: Path) -> Any:
     if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
         return value
     here = folder / value
-    return os.path.normpath(here.absolute()) if here.exists() else value
+    return str(here.resolve()) if here.exists() else value
 
 
 def relative_to_file(d: dict[str, Any], folder: Path) -> dict[str, Any]:
