@@ -40,6 +40,11 @@ def test_copied_example_trains_with_data_root(tmp_path, shared_data):
     summary = json.loads(out.stdout)
     assert summary["steps"] == 2
     assert (tmp_path / "runs" / "lora_minilm_sst2" / "adapter" / "adapter_config.json").is_file()
+    # Evaluating it shows a progress bar (stderr) and prints the metrics (stdout).
+    out = cotune("eval", "--adapter", "runs/lora_minilm_sst2/adapter", "--limit", "8", "--batch-size", "4", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "eval" in out.stderr and "2/2" in out.stderr
+    assert 0.0 <= json.loads(out.stdout)["accuracy"] <= 1.0
 
 
 def test_paths_in_a_config_are_relative_to_its_folder(tmp_path, shared_data, monkeypatch):

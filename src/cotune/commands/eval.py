@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="evaluate at most this many rows")
     p.add_argument("--batch-size", type=int, help="evaluation batch size (default: the config's eval_batch_size)")
     p.add_argument("--out", help="also write the metrics to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. task.options.max_length=64"
     )
@@ -42,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     model.eval()
     import torch
 
-    with isolated_rng(), torch.no_grad():
+    from cotune.tasks.progress import progress
+
+    with isolated_rng(), torch.no_grad(), progress(not args.quiet):
         metrics = task.evaluate(model, list(rows), args.batch_size or cfg.eval_batch_size, args.limit)
     out = {"adapter": str(args.adapter), "split": args.split, **{k: float(v) for k, v in metrics.items()}}
     print(json.dumps(out, indent=1))

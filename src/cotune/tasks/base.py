@@ -224,9 +224,15 @@ def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, An
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def batches(rows: list[dict], batch_size: int) -> Iterator[list[dict]]:
+def batches(rows: list[dict], batch_size: int, desc: str | None = None) -> Iterator[list[dict]]:
+    """``rows`` in batches; with ``desc``, under a progress bar of that name (see ``cotune.tasks.progress``)."""
     if batch_size < 1:
         raise CotuneError(f"batch_size must be >= 1, got {batch_size}")
+    if desc is not None:
+        from cotune.tasks.progress import chunks
+
+        yield from chunks(rows, batch_size, desc)  # type: ignore[misc]
+        return
     for i in range(0, len(rows), batch_size):
         yield rows[i : i + batch_size]
 

@@ -185,7 +185,7 @@ class CausalLMTask(TaskBase):
                                eos_token_id=sorted(eos) or None)
         texts: list[str] = []
         with eval_mode(model):
-            for chunk in batches(rows, batch_size):
+            for chunk in batches(rows, batch_size, desc="generate"):
                 p = [self.prompt_ids(r) for r in chunk]
                 T = max(len(x) for x in p)
                 ids = torch.full((len(p), T), tok.pad_token_id, dtype=torch.long)
@@ -205,7 +205,7 @@ class CausalLMTask(TaskBase):
         dev = model_device(model)
         nll_sum, n_tok = 0.0, 0
         with eval_mode(model):
-            for chunk in batches(rows, batch_size):
+            for chunk in batches(rows, batch_size, desc="eval"):
                 nll, n = self.token_nll(model, to_device(self.collate(chunk), dev))
                 nll_sum += nll.item()
                 n_tok += int(n.item())

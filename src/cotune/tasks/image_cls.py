@@ -96,7 +96,7 @@ class ImageClsTask(TaskBase):
         preds: list[int] = []
         loss_sum = 0.0
         with eval_mode(model):
-            for chunk in batches(rows, batch_size):
+            for chunk in batches(rows, batch_size, desc="eval"):
                 b = to_device(self.collate(chunk), dev)
                 logits = logits_of(model(b["pixel_values"])).float()
                 loss_sum += F.cross_entropy(logits, b["labels"], reduction="sum").item()

@@ -164,7 +164,7 @@ class MultipleChoiceTask(TaskBase):
         preds: list[int] = []
         loss_sum = 0.0
         with eval_mode(model):
-            for chunk in batches(rows, batch_size):
+            for chunk in batches(rows, batch_size, desc="eval"):
                 batch = to_device(self.collate(chunk), dev)
                 sel = self.choice_logits(model, batch)
                 loss_sum += F.cross_entropy(sel, batch["labels"], reduction="sum").item()

@@ -92,7 +92,7 @@ class Seq2SeqTask(TaskBase):
                                decoder_start_token_id=model.config.decoder_start_token_id)
         out: list[str] = []
         with eval_mode(model):
-            for chunk in batches(rows, batch_size):
+            for chunk in batches(rows, batch_size, desc="generate"):
                 enc = tok([r["source"] for r in chunk], padding=True, truncation=True, max_length=self.max_length,
                           return_tensors="pt")
                 gen = model.generate(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
@@ -107,7 +107,7 @@ class Seq2SeqTask(TaskBase):
         dev = model_device(model)
         loss_sum, n_tok = 0.0, 0
         with eval_mode(model):
-            for chunk in batches(rows, batch_size):
+            for chunk in batches(rows, batch_size, desc="eval"):
                 b = to_device(self.collate(chunk), dev)
                 n = int((b["labels"] != IGNORE).sum())
                 loss_sum += self.loss(model, b).item() * n  # the model's loss is a token mean: re-weight by tokens

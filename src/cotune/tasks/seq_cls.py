@@ -131,7 +131,7 @@ class SeqClsTask(TaskBase):
         preds: list = []
         loss_sum = 0.0
         with eval_mode(model):
-            for chunk in batches(rows, batch_size):
+            for chunk in batches(rows, batch_size, desc="eval"):
                 batch = to_device(self.collate(chunk), dev)
                 logits = self.logits(model, batch).float()
                 if self.regression:

@@ -34,6 +34,7 @@ from cotune.adapters.io import load_weights
 from cotune.adapters.methods import method_configs
 from cotune.engines.base import make_engine
 from cotune.errors import CotuneError
+from cotune.tasks.progress import progress
 from cotune.training.checkpoint import (
     TrainerState,
     list_checkpoints,
@@ -347,7 +348,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with isolated_rng(), torch.no_grad():
+            with isolated_rng(), torch.no_grad(), progress(self.cfg.progress):
                 metrics = self.task.evaluate(self.model, list(rows), self.cfg.eval_batch_size, limit)
         finally:
             self.model.train(was_training)
