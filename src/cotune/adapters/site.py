@@ -93,8 +93,8 @@ class AdaptedModule(nn.Module):
 
     @staticmethod
     def delta(ad: Adapter, u: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """``s·g(u)`` in fp32 (the caller casts): all adapter math runs in fp32 (DESIGN §2)."""
-        return ad.scaling * ad(u.float() if u.is_floating_point() else u, seed=seed)
+        """``s·g(u)`` in the adapter's ``compute_dtype`` (the caller casts): never below fp32 (DESIGN §2)."""
+        return ad.scaling * ad(u.to(ad.compute_dtype) if u.is_floating_point() else u, seed=seed)
 
     def _tapped(self, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None) -> torch.Tensor:
         return h if self.tap is None else self.tap(self, ad, u, h, seed)

@@ -32,6 +32,33 @@ class OptimConfig:
     total_steps: int | None = None  # needed by linear / cosine
     max_grad_norm: float | None = None
 
+    def __post_init__(self) -> None:
+        # Refused here, before any step: a NaN or infinite hyper-parameter would otherwise write NaN into
+        # every adapter weight at the first update (SGD) or fail deep inside torch (AdamW).
+        def number(name: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (v > low if low_open else v >= low) and v < high
+            if not ok:
+                bound = f"{'>' if low_open else '>='} {low:g}" + (f" and < {high:g}" if high < math.inf else "")
+                raise CotuneError(f"optimizer: {name} must be a finite number {bound}, got {v!r}")
+
+        for name in ("lr", "weight_decay", "momentum"):
+            number(name, 0.0)
+        number("eps", 0.0, low_open=True)
+        if not (isinstance(self.betas, tuple | list) and len(self.betas) == 2):
+            raise CotuneError(f"optimizer: betas must be two numbers, got {self.betas!r}")
+        self.betas = (self.betas[0], self.betas[1])
+        for i, b in enumerate(self.betas):
+            if not (isinstance(b, int | float) and math.isfinite(b) and 0.0 <= b < 1.0):
+                raise CotuneError(f"optimizer: betas[{i}] must be a finite number in [0, 1), got {b!r}")
+        if self.max_grad_norm is not None:
+            number("max_grad_norm", 0.0, low_open=True)
+        for name in ("warmup_steps", "total_steps"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise CotuneError(f"optimizer: {name} must be a whole number >= 0, got {v!r}")
+
 
 @dataclass
 class StepResult:

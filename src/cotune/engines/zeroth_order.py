@@ -62,8 +62,8 @@ class ZerothOrderEngine:
         max_bad_steps: int = 10,
         name: str | None = None,
     ) -> None:
-        if eps <= 0:
-            raise CotuneError(f"eps must be > 0, got {eps}")
+        if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
+            raise CotuneError(f"zeroth order: eps must be > 0 and finite, got {eps!r}")
         if n_directions < 1:
             raise CotuneError(f"n_directions must be >= 1, got {n_directions}")
         if zo_optimizer not in ZO_OPTIMIZERS:

@@ -299,8 +299,8 @@ class Cola(Adapter):
     def delta_weight(self) -> torch.Tensor:
         """``s·ΔW`` of the eval-mode map: full ``s(ΣB)(ΣA)``, heuristic ``sΣ_i(Σ_{j∈S_i}B_j)A_i``,
         random the expectation ``(s/N)(ΣB)(ΣA)``."""
-        a = [t.float() for t in self.cola_A]
-        b = [t.float() for t in self.cola_B]
+        a = [t.to(self.compute_dtype) for t in self.cola_A]
+        b = [t.to(self.compute_dtype) for t in self.cola_B]
         if self.strategy == "heuristic":
             dw = sum((self._sum([b[j] for j in js]) @ a[i] for i, js in enumerate(self.groups) if js))
             return self.scaling * dw  # type: ignore[return-value]

@@ -87,7 +87,7 @@ class LinearAdapter(Adapter):
         return self.linear(u)
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scaling * self.linear.weight.float()
+        return self.scaling * self.linear.weight.to(self.compute_dtype)
 
     def merged_state(self, base: nn.Module) -> dict[str, torch.Tensor]:
         """Weight plus ``W_g``; with a bias, also the base bias plus ``b`` (refused if the base has none)."""
@@ -101,6 +101,6 @@ class LinearAdapter(Adapter):
         state = super().merged_state(base)
         if b is not None:
             assert isinstance(base_bias, torch.Tensor)
-            new = base_bias.detach().float() + self.scaling * b.detach().float().to(base_bias.device)
+            new = base_bias.detach().to(b.dtype) + self.scaling * b.detach().to(self.compute_dtype, device=base_bias.device)
             state["bias"] = new.to(base_bias.dtype)
         return state

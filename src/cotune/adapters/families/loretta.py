@@ -137,7 +137,7 @@ class LorettaRep(Adapter):
         return self.tt_B(self.tt_A(u))
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.tt_A.weight().float() @ self.tt_B.weight().float()).T
+        return self.scaling * (self.tt_A.weight().to(self.compute_dtype) @ self.tt_B.weight().to(self.compute_dtype)).T
 
 
 @dataclass
@@ -178,7 +178,7 @@ class TTLinearAdapter(Adapter):
 
     def merged_state(self, base: nn.Module) -> dict[str, torch.Tensor]:
         """The module's own weight/bias replaced by the materialised TT layer."""
-        w = self.weight().detach().float()
+        w = self.weight().detach()
         params = dict(base.named_parameters())
         conv1d = type(base).__name__ == "Conv1D"  # GPT-2 stores (d_in, d_out)
         new = {"weight": (w if conv1d else w.T).contiguous().to(params["weight"].dtype)}

@@ -62,4 +62,4 @@ class LowRank(Adapter):
         return self.lora_B(self.lora_A(u))
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        return self.scaling * (self.lora_B.weight.to(self.compute_dtype) @ self.lora_A.weight.to(self.compute_dtype))

@@ -50,6 +50,16 @@ class SiteRecord:
             )
 
 
+def refuse_stochastic_merge(path: str, ad: Adapter) -> None:
+    """A merged adapter cannot draw (dropout, random pairings): say so instead of silently training without."""
+    if ad.training and ad.stochastic:
+        raise CotuneError(
+            f"site {path!r}: merged=True cannot apply the {ad.config.family} adapter's random draws (dropout or "
+            "random pairings act on the adapter path alone, which a merged weight no longer has); set its "
+            "dropout to 0, put the adapters in eval mode, or train with merged=False"
+        )
+
+
 class Capture:
     """Installs the capture on every site of adapter set ``name`` and hands each finished pair on.
 
@@ -135,8 +145,11 @@ class Capture:
         assert isinstance(site, AdaptedModule)
         if site.merged != self.name or not args:
             return None
+        ad = site.adapters[self.name]
+        if self._phase != "idle":
+            refuse_stochastic_merge(site.path, ad)  # type: ignore[arg-type]
         # The server never runs the adapter: the fitter evaluates its deterministic (eval-mode) map.
-        return self._record(site, site.adapters[self.name], args[0], output, None, False)  # type: ignore[arg-type]
+        return self._record(site, ad, args[0], output, None, False)  # type: ignore[arg-type]
 
     def _record(
         self, site: AdaptedModule, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None, training: bool

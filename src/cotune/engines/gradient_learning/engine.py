@@ -10,7 +10,7 @@ from torch import nn
 
 from cotune.adapters.attach import active_set, adapters, merge, sites
 from cotune.engines.base import LossFn, OptimConfig, StepResult
-from cotune.engines.gradient_learning.capture import Capture, SiteRecord
+from cotune.engines.gradient_learning.capture import Capture, SiteRecord, refuse_stochastic_merge
 from cotune.engines.gradient_learning.placement import make_fitter
 from cotune.engines.gradient_learning.wire import Wire, affine_in_u
 from cotune.engines.update import BadStepGuard, check_loss
@@ -36,8 +36,8 @@ class GradientLearningEngine:
       (a worker process, shared-memory weights) or ``ray`` (an actor; ``pip install cotune[ray]``).
     * ``merged``: fold ``ΔW`` into the base weights; the server never runs the adapter, the fitter
       recomputes ``g(u)``; after each update the merge is refreshed from the pristine weight (no drift).
-      Mergeable families only. In merged mode the fitter evaluates the adapter in eval mode (no dropout),
-      since the server's forward had none. ``close()`` unmerges.
+      Mergeable families only, and only deterministic ones: an adapter drawing in training mode (dropout,
+      random pairings) is refused, since the merged forward cannot apply its draws. ``close()`` unmerges.
     * ``wire_dtype``: ``fp32`` or ``bf16`` for ``u`` and ``δ`` in transit; ``sufficient_statistic``:
       ``auto`` ships ``Σ δ uᵀ`` instead of the pairs for adapters affine in ``u`` when smaller, ``always``
       whenever possible, ``off`` never. Bytes shipped are in ``StepResult.stats``.
@@ -82,6 +82,8 @@ class GradientLearningEngine:
             ad.requires_grad_(False)
         if merged:
             try:
+                for path, ad in self.adapters.items():
+                    refuse_stochastic_merge(path, ad)
                 merge(model, self.name)
             except CotuneError as e:
                 self._undo_merge()

@@ -99,9 +99,10 @@ class Fitter:
                 "parameters, so the sufficient statistic cannot train it; use sufficient_statistic='off'"
             )
         d_u, _ = site_widths(ad)
-        s, dsum = msg.s.to(self.device).float(), msg.delta_sum.to(self.device).float()
+        dt = ad.compute_dtype
+        s, dsum = msg.s.to(self.device, dt), msg.delta_sum.to(self.device, dt)
         c = AdaptedModule.delta(ad, torch.zeros(1, d_u, device=self.device))[0]
-        ((d.float() * s).sum() + (c * dsum).sum()).backward()
+        ((d.to(dt) * s).sum() + (c * dsum).sum()).backward()
 
     def step(self) -> dict[str, Any]:
         """One optimizer step on the accumulated gradients; ``updated`` is False when one was non-finite."""

@@ -62,8 +62,11 @@ def _nbytes(t: torch.Tensor) -> int:
 def _on_wire(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # Integer inputs (token ids at an embedding site) travel as they are; floats in the wire dtype. Always a
     # fresh tensor, so a placement may move it to shared memory without touching the server's activations.
+    # A float64 tensor (a model in double) is never narrowed by the fp32 wire: "fp32" means full precision.
     if not t.is_floating_point():
         return t.detach().clone()
+    if t.dtype == torch.float64 and dtype == torch.float32:
+        dtype = torch.float64
     return t.detach().to(dtype, copy=True)
 
 
@@ -147,8 +150,8 @@ class Wire:
         msg: Message
         if self._use_statistic(rec, ad):
             d_u, d_h = site_widths(ad)
-            u2 = u.reshape(-1, d_u).float()
-            d2 = delta.reshape(-1, d_h).float()
+            u2 = u.reshape(-1, d_u).to(ad.compute_dtype)
+            d2 = delta.reshape(-1, d_h).to(ad.compute_dtype)
             msg = Statistic(rec.path, rec.call, _on_wire(d2.T @ u2, self.dtype), _on_wire(d2.sum(0), self.dtype))
             self.statistics += 1
         else:
