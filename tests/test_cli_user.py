@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+from user_cli import REPO, TINY, cotune
 
 from cotune.training.config import load_config
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["max_steps=2", "train_limit=8", "batch_size=4", "eval_limit=4", "eval_batch_size=4", "test=false"]
-
-
-def cotune(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m cotune ARGS`` in ``cwd``, offline and on one thread, as a user would type it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("COTUNE_DATA", None)
-    return subprocess.run(
-        [sys.executable, "-m", "cotune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def test_python_dash_m_cotune(tmp_path):

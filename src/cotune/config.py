@@ -107,6 +107,8 @@ def check_value(where: str, tp: Any, value: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if type(value) is int and value in (0, 1):  # flags as the seeds' scripts pass them (--sharing_up 1)
+            return bool(value)
         raise CotuneError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

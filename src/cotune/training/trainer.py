@@ -43,6 +43,7 @@ from cotune.training.checkpoint import (
     set_rng_state,
 )
 from cotune.training.config import TrainConfig, read_yaml, save_config
+from cotune.training.consistency import consistency_weight, with_consistency
 from cotune.training.logging import JsonlLogger, plot_learning_curve
 
 #: ``callback(trainer, step, result)`` after each step (and its checkpoint); raising stops the run.
@@ -282,6 +283,8 @@ class Trainer:
         model.to(self.device)
         self.configs = adapter_configs(model, cfg)
         attach(model, self.configs)
+        weight = consistency_weight(self.configs)
+        self.loss_fn = with_consistency(self.task, weight) if weight > 0 else self.task.loss
         self.model = model
         rows, total, base = parameter_report(model)
         self.trainable = total
@@ -404,7 +407,7 @@ class Trainer:
             while st.step < st.total_steps:
                 t_step = time.perf_counter()
                 batch = to_device(self.task.collate(self.batch_rows(st.step)), self.device)
-                result = self.engine.step(self.task.loss, batch)
+                result = self.engine.step(self.loss_fn, batch)
                 st.train_seconds += time.perf_counter() - t_step
                 st.step += 1
                 bar.update(1)

@@ -11,7 +11,18 @@ training each expert group draws one expert uniformly per forward call, only fro
 In eval the experts are averaged: since ``z`` is bilinear in ``(a, v)`` and the two groups are drawn
 independently, ``(mean a) ⊗ (mean v)`` is exactly the expected pre-GELU ``z`` — inference costs one adapter.
 
-``consistency_loss`` is the optional MAdaKron regulariser for two forwards with different draws.
+``consistency_loss`` is the optional MAdaKron regulariser for two forwards with different draws; the config's
+``consistency_loss`` (its weight; AdaKron's ``--use_consistency_loss 1`` is weight 1) makes ``cotune train`` add it.
+
+AdaKron's own flags, with the meaning its README gives them:
+
+* ``sharing_up`` (bool): true puts experts in *both* down factors (``mixture=full``), false only in the
+  ``sharing_down``-wide one (``mixture=partial``); it needs ``num_experts > 1`` (``--apply_expert_soup``).
+* ``sharing_down``: the width of the expert factor ``a`` ("experts output dimension, we use 4"); ``r`` must be a
+  multiple of it and ``v`` has ``r / sharing_down`` entries. ``0`` (what the README's command passes) means 4.
+* ``inference_level`` (AdaMix's, which AdaKron builds on), how experts combine in eval: ``3`` (default) averages
+  their weights (the "expert soup" above: one adapter); ``1`` draws one expert per group for each sequence and
+  ``0`` for each token (random routing, as in training but finer-grained).
 
 Saved tensor names: ``down_a.weight (E_a, 4, d)``, ``down_a.bias (E_a, 4)``, ``down_v.weight (E_v, r/4, d)``,
 ``down_v.bias (E_v, r/4)``, ``up.weight (d_out, r)``, ``up.bias (d_out)`` (``E = 1`` without a mixture).
@@ -39,27 +50,60 @@ KRON_DEFAULT_TARGETS: dict[str, list[str] | str] = {
 }
 
 MIXTURES = ("none", "partial", "full")
-#: The Kronecker factor ``a`` has this fixed width (AdaKron's ``sharing_down = 4``).
+#: The default width of the Kronecker factor ``a`` (AdaKron's ``sharing_down = 4``).
 A_DIM = 4
+#: AdaMix's inference levels: 0 token-level routing, 1 sequence-level routing, 3 weight average ("expert soup").
+INFERENCE_LEVELS = (0, 1, 3)
 
 
 @dataclass
 class KronConfig(AdapterConfig):
-    """``r``: width of ``z`` (multiple of 4); ``mixture``: none | partial | full; ``num_experts``: E for a
-    mixture (default 2, the AdaKron README's value); ``init_std``: std of every weight (biases are zero)."""
+    """``r``: width of ``z`` (multiple of ``sharing_down``); ``mixture``: none | partial | full; ``num_experts``: E
+    for a mixture (default 2, the AdaKron README's value); ``init_std``: std of every weight (biases are zero);
+    ``sharing_up``, ``sharing_down``, ``inference_level``, ``consistency_loss``: AdaKron's flags (module docstring).
+    """
 
     r: int = 48
     mixture: str = "none"
     num_experts: int | None = None
     init_std: float = 0.02
+    sharing_down: int = A_DIM
+    sharing_up: bool | None = None
+    inference_level: int = 3
+    consistency_loss: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0 or self.r % A_DIM:
+        if self.sharing_down == 0:  # the AdaKron README's command passes 0 while its text says 4 is used
+            self.sharing_down = A_DIM
+        k = self.sharing_down
+        if not isinstance(k, int) or k < 1:
+            raise CotuneError(f"kron sharing_down (the width of the expert factor a) must be >= 1, got {k!r}")
+        if not isinstance(self.r, int) or self.r <= 0 or self.r % k:
             raise CotuneError(
-                f"kron needs r to be a positive multiple of {A_DIM} (z = a ⊗ v with a ∈ R^{A_DIM}), got r={self.r}"
+                f"kron needs r to be a positive multiple of {k} (sharing_down: z = a ⊗ v with a ∈ R^{k}), got r={self.r}"
             )
         if self.mixture not in MIXTURES:
             raise CotuneError(f"unknown kron mixture {self.mixture!r}; valid: {list(MIXTURES)}")
+        if self.sharing_up is not None:
+            wanted = "full" if self.sharing_up else "partial"
+            if (self.num_experts or 1) < 2 and self.mixture == "none":
+                raise CotuneError(
+                    "kron sharing_up chooses which down factors hold experts; it needs a mixture: add num_experts=2 "
+                    "(AdaKron's --apply_expert_soup --num_experts 2)"
+                )
+            if self.mixture == "none":
+                self.mixture = wanted
+            elif self.mixture != wanted:
+                raise CotuneError(
+                    f"kron sharing_up={self.sharing_up} means mixture={wanted}, but mixture={self.mixture} was given"
+                )
+        if self.inference_level not in INFERENCE_LEVELS:
+            raise CotuneError(
+                f"kron inference_level must be one of {list(INFERENCE_LEVELS)} (0 token-level and 1 sequence-level "
+                f"routing, 3 averaged experts), got {self.inference_level!r}"
+            )
+        if not self.consistency_loss >= 0:
+            raise CotuneError(f"kron consistency_loss is a weight >= 0, got {self.consistency_loss!r}")
         if self.mixture == "none" and self.num_experts not in (None, 1):
             raise CotuneError(
                 f"num_experts={self.num_experts} needs a mixture: set mixture=partial (experts of the 4-dim factor) "
@@ -97,6 +141,13 @@ class _Factor(nn.Module):
             return self.weight.mean(0), self.bias.mean(0)
         return self.weight.index_select(0, idx)[0], self.bias.index_select(0, idx)[0]
 
+    def routed(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``W_e u + b_e`` with expert ``e = idx`` per position (``idx`` broadcast to ``u.shape[:-1]``)."""
+        every = torch.einsum("...d,ekd->...ek", u, self.weight) + self.bias  # (..., E, k)
+        idx = idx.expand(u.shape[:-1])
+        pick = idx[..., None, None].expand(*idx.shape, 1, every.shape[-1])
+        return every.gather(-2, pick).squeeze(-2)
+
 
 @register("kron", KronConfig, peft_type="ADAKRON", default_targets=KRON_DEFAULT_TARGETS)
 class Kron(Adapter):
@@ -106,8 +157,9 @@ class Kron(Adapter):
         super().__init__(config, d_in, d_out, base)
         du, dh = _widths(self.site, d_in, d_out)
         e = config.experts
-        self.down_a = _Factor(e if config.mixture in ("partial", "full") else 1, A_DIM, du, config.init_std)
-        self.down_v = _Factor(e if config.mixture == "full" else 1, config.r // A_DIM, du, config.init_std)
+        k = config.sharing_down
+        self.down_a = _Factor(e if config.mixture in ("partial", "full") else 1, k, du, config.init_std)
+        self.down_v = _Factor(e if config.mixture == "full" else 1, config.r // k, du, config.init_std)
         self.up = nn.Linear(config.r, dh)
         nn.init.normal_(self.up.weight, std=config.init_std)  # not zero: AdaKron's up projection is random
         nn.init.zeros_(self.up.bias)
@@ -131,13 +183,31 @@ class Kron(Adapter):
         return out
 
     def forward(self, u: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        picks = self.draw(seed, u.device) if self.stochastic else {}
-        w2, b2 = self.down_a.expert(picks.get("down_a"))
-        w1, b1 = self.down_v.expert(picks.get("down_v"))
-        a = F.linear(u, w2, b2)  # (..., 4)
-        v = F.linear(u, w1, b1)  # (..., r/4)
-        z = (a.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2)  # z[i·r/4 + j] = a_i v_j
+        if not self.training and self.config.experts > 1 and self.config.inference_level != 3:
+            a, v = self._routed_eval(u, seed)
+        else:
+            picks = self.draw(seed, u.device) if self.stochastic else {}
+            w2, b2 = self.down_a.expert(picks.get("down_a"))
+            w1, b1 = self.down_v.expert(picks.get("down_v"))
+            a = F.linear(u, w2, b2)  # (..., sharing_down)
+            v = F.linear(u, w1, b1)  # (..., r/sharing_down)
+        z = (a.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2)  # z[i·r/k + j] = a_i v_j
         return self.up(F.gelu(z))
+
+    def _routed_eval(self, u: torch.Tensor, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval with AdaMix's random routing: one expert per token (level 0) or per sequence (level 1)."""
+        gen = self.generator(seed, u.device)
+        # Level 1: one draw per leading (sequence) index, shared by its tokens; level 0: one per token.
+        shape = u.shape[:-1] if self.config.inference_level == 0 else (*u.shape[:1], *([1] * (u.dim() - 2)))
+        out = []
+        for factor in (self.down_a, self.down_v):
+            n = factor.weight.shape[0]
+            if n == 1:
+                out.append(F.linear(u, factor.weight[0], factor.bias[0]))
+            else:
+                idx = torch.randint(n, shape, generator=gen, device=u.device)
+                out.append(factor.routed(u, idx))
+        return out[0], out[1]
 
 
 def consistency_loss(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
