@@ -9,14 +9,21 @@ The head, where the model has one:
 * RoBERTa-style (``classifier.dense`` + ``classifier.out_proj``) and DeBERTa-v2 (``pooler.dense`` +
   ``classifier``): the dense becomes a ``tt_linear`` (768: ``[12,8,8,8,8,12]``, 920 + 768 parameters) and the
   output projection is trained dense (``full``);
-* BERT-style (``bert.pooler.dense`` + ``classifier``, e.g. MiniLM): the pooler is *pretrained*
-  (next-sentence prediction), so replacing it by a fresh TT layer would throw that away; the pooler stays
-  frozen and only ``classifier`` (hidden→labels) is trained (``full``);
+* BERT-style (``bert.pooler.dense`` + ``classifier``, e.g. MiniLM, ALBERT): the pooler is *pretrained*
+  (next-sentence prediction), so by default (``tensor_head: auto``) it stays frozen and only ``classifier``
+  (hidden→labels) is trained (``full``); ``tensor_head: true`` (or ``tensor_layers`` naming ``cls``) replaces
+  the pooler's dense by a fresh TT layer as on RoBERTa, which is what LoRETTA's scripts do on BERT/ALBERT;
 * any other model: its known task head (``score`` for Llama/GPT-2 classifiers) is trained with ``full``;
   causal LMs get no head (their ``lm_head`` stays frozen), as in the Llama-2-7B count of 876,800.
 
-Preset options besides the adapter family's fields: ``train_norms`` (default true for adp, false for rep)
-and ``tensor_head`` (default true: tensorize the head's dense where there is one; false trains it dense).
+Preset options besides the adapter family's fields:
+
+* ``train_norms`` (default true for adp, false for rep);
+* ``tensor_head``: ``auto`` (default: tensorize a fresh head dense, keep a pretrained pooler), ``true``
+  (tensorize the head's hidden×hidden dense on any encoder that has one), ``false`` (train it dense);
+* ``tensor_layers``: LoRETTA's flag as its scripts write it (``adapters,cls`` for loretta_adp, ``cls`` for
+  loretta_rep; ``None``): ``cls`` in it means ``tensor_head: true``, its absence ``tensor_head: false``.
+
 ``tt_rank`` and ``tt_mode`` also apply to the tensorized head.
 """
 
@@ -30,6 +37,7 @@ from cotune.adapters.attach import _original_names, model_type
 from cotune.adapters.base import AdapterConfig, make_config
 from cotune.adapters.families.full import HEAD_DEFAULT_TARGETS
 from cotune.adapters.methods import method
+from cotune.errors import CotuneError
 
 #: Every normalisation layer by name (LayerNorm, input_layernorm, post_attention_layernorm, the final
 #: ``norm``; GPT-2's ln_1/ln_2/ln_f), as one full-match regex so the saved config stays short.
@@ -44,18 +52,29 @@ def _has(names: set[str], suffix: str) -> bool:
     return any(n == suffix or n.endswith("." + suffix) for n in names)
 
 
-def head_configs(model: nn.Module | None, tensorize: bool = True, **tt: Any) -> list[AdapterConfig]:
+#: (hidden×hidden dense, output projection) of an encoder's classification head, by layout.
+FRESH_HEADS = {
+    "roberta": ("classifier.dense", "classifier.out_proj"),
+    "deberta": ("pooler.dense", "classifier"),
+    "deberta-v2": ("pooler.dense", "classifier"),
+}
+#: Heads whose dense is pretrained (BERT's next-sentence pooler): tensorized only when asked (``tensor_head: true``).
+PRETRAINED_HEADS = [("classifier.dense", "classifier.out_proj"), ("pooler.dense", "classifier")]
+
+
+def head_configs(model: nn.Module | None, tensorize: bool | str = "auto", **tt: Any) -> list[AdapterConfig]:
     """The trainable head of ``model`` for the LoRETTA presets (see the module docstring)."""
     names = _names(model)
-    pairs = {
-        "roberta": ("classifier.dense", "classifier.out_proj"),
-        "deberta": ("pooler.dense", "classifier"),
-        "deberta-v2": ("pooler.dense", "classifier"),
-    }
     mt = model_type(model) if model is not None else ""
-    if mt in pairs and all(_has(names, t) for t in pairs[mt]):
-        dense, out = pairs[mt]
-        first = make_config("tt_linear", target_modules=[dense], **tt) if tensorize else None
+    pair = FRESH_HEADS.get(mt) if tensorize in ("auto", True) else None
+    if tensorize is True and not (pair and all(_has(names, t) for t in pair)):
+        # Any other encoder: the first layout it has (BERT, ALBERT, MiniLM: pooler.dense + classifier).
+        pair = next((p for p in PRETRAINED_HEADS if all(_has(names, t) for t in p)), None)
+    if pair is None and tensorize is False:
+        pair = FRESH_HEADS.get(mt)
+    if pair is not None and all(_has(names, t) for t in pair):
+        dense, out = pair
+        first = make_config("tt_linear", target_modules=[dense], **tt) if tensorize is not False else None
         if first is None:
             first = make_config("full", target_modules=[dense])
         return [first, make_config("full", target_modules=[out])]
@@ -64,9 +83,41 @@ def head_configs(model: nn.Module | None, tensorize: bool = True, **tt: Any) -> 
     return [make_config("full", target_modules=present)] if present else []
 
 
-def _split(overrides: dict[str, Any], train_norms: bool) -> tuple[bool, bool, dict[str, Any], dict[str, Any]]:
+def _tensor_head(value: Any) -> bool | str:
+    """``tensor_head`` as auto | True | False (YAML may give a bool, 0/1 or a string)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise CotuneError(f"tensor_head must be auto, true or false, got {value!r}")
+
+
+def _tensor_layers(value: Any, allowed: set[str]) -> bool:
+    """Whether LoRETTA's ``--tensor_layers`` value (``adapters,cls``; a list; ``None``) names the head."""
+    if value is None or str(value).strip().lower() in ("", "none"):
+        layers: set[str] = set()
+    else:
+        items = value if isinstance(value, list | tuple) else str(value).split(",")
+        layers = {str(x).strip().lower() for x in items if str(x).strip()}
+    bad = sorted(layers - allowed - {"cls"})
+    if bad:
+        raise CotuneError(f"tensor_layers {bad} not understood here; valid: {sorted(allowed | {'cls'})} or None")
+    return "cls" in layers
+
+
+def _split(
+    overrides: dict[str, Any], train_norms: bool, layers: set[str]
+) -> tuple[bool, bool | str, dict[str, Any], dict[str, Any]]:
     train_norms = bool(overrides.pop("train_norms", train_norms))
-    tensorize = bool(overrides.pop("tensor_head", True))
+    tensorize = _tensor_head(overrides.pop("tensor_head", "auto"))
+    if "tensor_layers" in overrides:
+        from_flag = _tensor_layers(overrides.pop("tensor_layers"), layers)
+        if tensorize != "auto" and tensorize != from_flag:
+            raise CotuneError(f"tensor_layers says tensor_head={from_flag}, but tensor_head={tensorize} was given")
+        tensorize = from_flag
     tt = {k: overrides[k] for k in ("tt_rank", "tt_mode") if k in overrides}
     return train_norms, tensorize, overrides, tt
 
@@ -74,7 +125,7 @@ def _split(overrides: dict[str, Any], train_norms: bool) -> tuple[bool, bool, di
 @method("loretta_adp")
 def loretta_adp(model: nn.Module | None = None, **overrides: Any) -> list[AdapterConfig]:
     """TT bottleneck adapters + trainable norms + tensorized classifier (LoRETTA_adp)."""
-    train_norms, tensorize, rest, tt = _split(dict(overrides), True)
+    train_norms, tensorize, rest, tt = _split(dict(overrides), True, {"adapters"})
     configs = [make_config("loretta_adp", **rest)]
     if train_norms:
         configs.append(make_config("full", target_modules=NORM_REGEX))
@@ -84,7 +135,7 @@ def loretta_adp(model: nn.Module | None = None, **overrides: Any) -> list[Adapte
 @method("loretta_rep")
 def loretta_rep(model: nn.Module | None = None, **overrides: Any) -> list[AdapterConfig]:
     """TT-factored parallel updates of query/value + tensorized classifier (LoRETTA_rep)."""
-    train_norms, tensorize, rest, tt = _split(dict(overrides), False)
+    train_norms, tensorize, rest, tt = _split(dict(overrides), False, set())
     configs = [make_config("loretta_rep", **rest)]
     if train_norms:
         configs.append(make_config("full", target_modules=NORM_REGEX))
