@@ -430,9 +430,9 @@ def _records_kind(p: Path) -> tuple[str, str | None, str]:
         raise CotuneError(f"{p}: no JSON objects found")
     fmt = F.record_format(set(first[1]))
     shape = {"alpaca": "qa", "gsm8k": "qa", "prompt": "qa", "e2e": "qa", "text": "qa", "mmlu": "mc",
-             "mmlu_hf": "mc", "cls": "cls", "image": "image"}[fmt]
+             "mmlu_hf": "mc", "cls": "cls", "image": "image", "sharegpt": "qa", "messages": "qa"}[fmt]
     task = {"gsm8k": "gsm8k", "mmlu": "mmlu", "mmlu_hf": "mmlu", "alpaca": "alpaca", "text": "text",
-            "e2e": "e2e"}.get(fmt)
+            "e2e": "e2e", "sharegpt": "chat", "messages": "chat"}.get(fmt)
     return shape, task, fmt
 
 

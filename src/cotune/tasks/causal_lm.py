@@ -12,6 +12,13 @@ text already begins with the BOS token (the template added it), else the tokeniz
 every prompt (and padding) token: **the loss is on answer tokens only** (plain text rows have an empty prompt, so
 every token counts). Too long: the answer keeps at least half of ``max_length``, the prompt is cut from the left.
 
+Conversations (ShareGPT ``conversations``, OpenAI ``messages``: rows with ``messages``) always go through the
+tokenizer's chat template. Each assistant turn is located by rendering the dialogue up to it (with the generation
+prompt) and up to its end; the text is tokenised piece by piece, and the labels keep **every assistant turn's
+tokens** (its content and end-of-turn token) and mask everything else (system, user turns, role headers). For
+generation the prompt is the dialogue before the last assistant turn; the reference is that turn. Too long: the
+last assistant turn keeps at least half of ``max_length`` and the history is cut from the left.
+
 Evaluation. ``loss`` (mean NLL per answer token over the rows) and ``perplexity`` always; plus, by generation,
 ``rouge_l`` (Alpaca, E2E, prompt/completion data; E2E rows with the same input are scored against all their
 references) or ``exact_match`` (GSM8K: numeric answer extraction, see :mod:`cotune.tasks.metrics`). Generation is
@@ -20,6 +27,7 @@ greedy, left-padded, at most ``max_new_tokens`` new tokens, stopping at EOS / en
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -103,6 +111,61 @@ class CausalLMTask(TaskBase):
         prompt = self.prompt_format.format(prompt=row["prompt"]) if row["prompt"] else ""
         return prompt, row["answer"], False
 
+    def _chat_messages(self, messages: list[dict]) -> list[dict]:
+        if getattr(self.tokenizer, "chat_template", None) is None or self.use_template is False:
+            raise CotuneError(
+                "conversation data (ShareGPT conversations / OpenAI messages) is rendered with the tokenizer's chat "
+                "template: use a model whose tokenizer has one (e.g. smollm2) and leave chat_template unset"
+            )
+        if self.system and messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.system}, *messages]
+        return messages
+
+    def chat_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """The templated dialogue as consecutive ``(text, is an assistant turn)`` pieces."""
+        tok = self.tokenizer
+        msgs = self._chat_messages(messages)
+        pieces: list[tuple[str, bool]] = []
+        done = ""  # the text covered so far
+        for k, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            head = tok.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True) if k else ""
+            full = tok.apply_chat_template(msgs[: k + 1], tokenize=False)
+            if not (head.startswith(done) and full.startswith(head)):
+                raise CotuneError(
+                    "this tokenizer's chat template rewrites earlier turns, so assistant turns cannot be located; "
+                    "train on prompt/answer rows instead"
+                )
+            turn = full[len(head) :].rstrip("\n")  # the template's newline after the end-of-turn is not learnt
+            pieces += [(head[len(done) :], False), (turn, True)]
+            done = head + turn
+        return [(t, lab) for t, lab in pieces if t]
+
+    def _encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        ids: list[list[int]] = []
+        labels: list[list[int]] = []
+        for i, (text, learn) in enumerate(self.chat_pieces(messages)):
+            part = self._ids(text) if i == 0 else list(tok(text, add_special_tokens=False)["input_ids"])
+            ids.append(part)
+            labels.append(part if learn else [IGNORE] * len(part))
+        p = [t for part in ids[:-1] for t in part]
+        lp = [t for part in labels[:-1] for t in part]
+        a = ids[-1]  # the last assistant turn
+        L = self.max_length
+        if len(p) + len(a) > L:
+            keep_a = min(len(a), max(L - len(p), L // 2))
+            a = a[:keep_a]
+            cut = len(p) - (L - keep_a) if L - keep_a > 0 else len(p)
+            p, lp = p[cut:], lp[cut:]
+        return p + a, lp + a
+
+    def _chat_prompt(self, messages: list[dict]) -> str:
+        msgs = self._chat_messages(messages)
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return self.tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+
     def _ids(self, text: str) -> list[int]:
         tok = self.tokenizer
         bos = tok.bos_token
@@ -117,6 +180,8 @@ class CausalLMTask(TaskBase):
     def encode(self, row: dict) -> tuple[list[int], list[int]]:
         """(input ids, labels) of one row; labels are -100 on the prompt tokens."""
         tok = self.tokenizer
+        if row.get("messages"):
+            return self._encode_chat(row["messages"])
         prompt, answer, closed = self.render(row)
         p = self._ids(prompt)  # an empty prompt gives [] or just the BOS token
         a = list(tok(answer, add_special_tokens=False)["input_ids"])
@@ -132,7 +197,7 @@ class CausalLMTask(TaskBase):
         return p + a, [IGNORE] * len(p) + a
 
     def prompt_ids(self, row: dict) -> list[int]:
-        prompt, _, _ = self.render(row)
+        prompt = self._chat_prompt(row["messages"]) if row.get("messages") else self.render(row)[0]
         p = self._ids(prompt)
         room = max(1, self.max_length - self.max_new_tokens)
         return p[-room:]
@@ -217,12 +282,12 @@ class CausalLMTask(TaskBase):
                 preds = self.generate(model, rows, gen_bs)
                 out["exact_match"] = M.exact_match(preds, [r.get("final") or r["answer"] for r in rows])
             else:
-                prompts: dict[str, list[str]] = {}
+                groups: dict[str, tuple[dict, list[str]]] = {}
                 for r in rows:  # one generation per distinct input, scored against all its references
-                    prompts.setdefault(r["prompt"], []).append(r["answer"])
-                uniq = [{"prompt": p, "answer": refs[0]} for p, refs in prompts.items()]
-                preds = self.generate(model, uniq, gen_bs)
-                out["rouge_l"] = M.rouge_l(preds, list(prompts.values()))
+                    key = json.dumps(r["messages"][:-1]) if r.get("messages") else r["prompt"]
+                    groups.setdefault(key, (r, []))[1].append(r["answer"])
+                preds = self.generate(model, [first for first, _ in groups.values()], gen_bs)
+                out["rouge_l"] = M.rouge_l(preds, [refs for _, refs in groups.values()])
         return self.check_metrics(out)
 
 

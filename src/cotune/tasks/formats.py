@@ -5,7 +5,10 @@ Every reader returns *native rows* of one of four shapes, so that the task types
 * ``cls``: ``{"text": str, "text_pair": str | None, "label": int | float}`` (GLUE TSVs, FPB CSV/txt, JSON rows
   with a text and a label); ``label`` is an index into the data set's label list, or a float for regression;
 * ``qa``: ``{"prompt": str, "answer": str, "final": str | None}`` (Alpaca JSON, GSM8K JSONL, E2E lines, plain text
-  corpora with an empty prompt); ``final`` is GSM8K's number after ``#### ``;
+  corpora with an empty prompt); ``final`` is GSM8K's number after ``#### ``; conversations (ShareGPT
+  ``conversations`` of ``{"from", "value"}``, OpenAI ``messages`` of ``{"role", "content"}``) also carry
+  ``messages``, the whole dialogue as ``[{"role": system|user|assistant, "content": str}]``, with ``prompt`` /
+  ``answer`` its last user and assistant turns;
 * ``mc``: ``{"question": str, "choices": [str, ...], "label": int, "subject": str}`` (MMLU JSONL);
 * ``image``: ``{"image": uint8 array (H, W), "label": int}`` (MNIST-format idx files).
 
@@ -343,6 +346,10 @@ def record_format(keys: set[str]) -> str:
         return "gsm8k"
     if {"meaning_representation", "human_reference"} <= keys:
         return "e2e"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "messages" in keys:
+        return "messages"
     if {"prompt"} <= keys and keys & {"completion", "response", "answer"}:
         return "prompt"
     if {"image", "label"} <= keys or {"img", "label"} <= keys:
@@ -353,9 +360,50 @@ def record_format(keys: set[str]) -> str:
         return "text"
     raise CotuneError(
         f"unrecognised record keys {sorted(keys)}; expected Alpaca (instruction/input/output), GSM8K "
-        f"(question/answer), MMLU (question/answer_a..d/correct_answer/topic), prompt/completion, text, or a text "
-        f"column plus a label"
+        f"(question/answer), MMLU (question/answer_a..d/correct_answer/topic), prompt/completion, ShareGPT "
+        f"(conversations), OpenAI messages, text, or a text column plus a label"
     )
+
+
+#: ShareGPT's speaker tags (LLaMA-Factory's ``from`` values) and OpenAI's roles -> the chat template's roles.
+CHAT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+#: Per format: (key of the turn list, key of a turn's speaker, key of its text).
+CHAT_KEYS = {"sharegpt": ("conversations", "from", "value"), "messages": ("messages", "role", "content")}
+
+
+def chat_row(fmt: str, obj: dict) -> dict:
+    """A ShareGPT or OpenAI-messages object -> a ``qa`` row with ``messages`` (see the module docstring).
+
+    Raises ``ValueError`` naming the turn for a turn without a speaker or text, an unknown speaker, an empty
+    assistant turn, or a dialogue that does not end with an assistant turn (nothing to learn from).
+    """
+    list_key, who_key, text_key = CHAT_KEYS[fmt]
+    turns = obj[list_key]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{list_key!r} must be a non-empty list of turns")
+    if fmt == "sharegpt" and isinstance(obj.get("system"), str) and obj["system"].strip():
+        turns = [{who_key: "system", text_key: obj["system"]}, *turns]  # LLaMA-Factory's separate system column
+    messages = []
+    for i, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict) or who_key not in turn:
+            raise ValueError(f"turn {i} of {list_key!r} has no {who_key!r}")
+        who = str(turn[who_key]).strip().lower()
+        if who not in CHAT_ROLES:
+            raise ValueError(f"turn {i}: unknown {who_key} {turn[who_key]!r}; valid: {', '.join(CHAT_ROLES)}")
+        content = turn.get(text_key)
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str):
+            raise ValueError(f"turn {i} ({who}) has no {text_key!r} string")
+        role = CHAT_ROLES[who]
+        if role == "assistant" and not content.strip():
+            raise ValueError(f"turn {i}: empty assistant turn")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"the last turn ({messages[-1]['role']}) is not an assistant turn: nothing to learn")
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return {"prompt": users[-1] if users else "", "answer": messages[-1]["content"], "final": None,
+            "messages": messages}
 
 
 GSM8K_SEP = "#### "
@@ -398,6 +446,8 @@ def convert_record(fmt: str, obj: dict, labels: LabelSpec | None = None, keys: d
     if fmt == "prompt":
         ak = next(k for k in ("completion", "response", "answer") if k in obj)
         return {"prompt": text("prompt"), "answer": text(ak), "final": None}
+    if fmt in CHAT_KEYS:
+        return chat_row(fmt, obj)
     if fmt == "e2e":
         return {"prompt": text("meaning_representation"), "answer": text("human_reference"), "final": None}
     if fmt == "text":
