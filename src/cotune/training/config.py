@@ -99,6 +99,8 @@ class TrainConfig:
     data_root: str | None = None
     device: str = "cpu"  # cpu | cuda | auto
     progress: bool = True
+    #: Also send the logged metrics to ``tensorboard`` and/or ``wandb`` (optional extras; see training.reporting).
+    report_to: list[str] | str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -148,6 +150,9 @@ def validate(cfg: TrainConfig) -> None:
         raise CotuneError("val_size must be > 0 (a fraction < 1 or a number of rows)")
     if not cfg.task.data:
         raise CotuneError("task.data is empty: point it at the data set (a local folder/file, or a hub name)")
+    from cotune.training.reporting import report_names
+
+    report_names(cfg.report_to)  # unknown names fail here, before the model loads
     # The method's options, type-checked now (r="8" is one error line), not after the model has loaded.
     from cotune.adapters.methods import method_configs
 

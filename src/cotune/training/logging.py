@@ -12,13 +12,23 @@ from typing import Any
 class JsonlLogger:
     """Appends records ``{"type": "train"|"eval"|..., "step": N, ...}`` to a JSONL file, flushed per line."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, sinks: list[Any] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        #: Also given every record (``report_to``: TensorBoard, W&B; see ``cotune.training.reporting``).
+        self.sinks = list(sinks or [])
 
     def log(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(_clean(record), sort_keys=False) + "\n")
+        for sink in self.sinks:
+            sink.log(record)
+
+    def close(self) -> None:
+        """Close the sinks (flushes TensorBoard's event file, finishes a W&B run)."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after ``step`` (a resumed run repeats them), keeping earlier ones."""

@@ -45,6 +45,7 @@ from cotune.training.checkpoint import (
 from cotune.training.config import TrainConfig, read_yaml, save_config
 from cotune.training.consistency import consistency_weight, with_consistency
 from cotune.training.logging import JsonlLogger, plot_learning_curve
+from cotune.training.reporting import make_reporters
 
 #: ``callback(trainer, step, result)`` after each step (and its checkpoint); raising stops the run.
 Callback = Callable[["Trainer", int, Any], None]
@@ -275,7 +276,7 @@ class Trainer:
         from cotune.tasks import make_task
 
         resume_from = self._prepare_output()
-        self.log = JsonlLogger(self.out / "log.jsonl")
+        self.log = JsonlLogger(self.out / "log.jsonl", make_reporters(cfg.report_to, self.out, cfg.to_dict()))
         seed_everything(cfg.seed)  # before the model is built: a new head's init depends on it
         self.task = make_task(cfg.task.kind, cfg.task.data, model=cfg.model, **cfg.task_options())
         self.device = torch.device(cfg.device_name())
@@ -388,11 +389,14 @@ class Trainer:
         t0 = time.perf_counter()
         self.setup()
         try:
-            self._loop()
+            try:
+                self._loop()
+            finally:
+                if self.engine is not None:
+                    self.engine.close()
+            return self._finish(time.perf_counter() - t0)
         finally:
-            if self.engine is not None:
-                self.engine.close()
-        return self._finish(time.perf_counter() - t0)
+            self.log.close()  # report_to sinks: flush TensorBoard, finish the W&B run
 
     def _loop(self) -> None:
         from tqdm.auto import tqdm
