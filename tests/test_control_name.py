@@ -82,10 +82,14 @@ def test_malformed_names_say_what_is_wrong(name, fragment):
     assert fragment in str(e.value)
 
 
-def test_collaboration_names_are_refused_with_a_per_user_alternative():
-    with pytest.raises(CotuneError) as e:
-        control_name_config("dolly-15k_gpt2_clm_cola-lowrank~linear-1_32_col")
-    assert "dolly-15k_gpt2_clm_cola-lowrank-1_32" in str(e.value)
+def test_collaboration_names_become_one_run_of_several_users():
+    d = control_name_config("dolly-15k_gpt2_clm_cola-lowrank~linear-1_32_col")
+    assert d["users"] == ["lowrank", "linear"] and d["engine"] == {"name": "gl", "options": {"interval": 1,
+                                                                                              "merged": True}}
+    assert control_name_config("glue-sst2_minilm_sc_cola-mlp-1_8_col")["users"] == ["mlp", "mlp"]
+    assert "users" not in control_name_config("glue-sst2_minilm_sc_cola-mlp-1_8")
+    with pytest.raises(CotuneError, match="needs a cola-<aux>-<I> method"):
+        control_name_config("glue-sst2_minilm_sc_lora_8_col")
 
 
 def test_offline_hub_model_suggests_packaged_ones(monkeypatch, capsys):

@@ -59,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     from cotune.training.trainer import train
 
     cfg = resolve_config(args)
+    if cfg.users:  # a ColA collaboration: K users' adapters on one base, each user's metric reported
+        from cotune.training.collaboration import train_collaboration
+
+        print(json.dumps(train_collaboration(cfg, verbose=not args.quiet), indent=1))
+        return 0
     result = train(cfg, verbose=not args.quiet)
     summary = {
         "output_dir": str(result.output_dir),

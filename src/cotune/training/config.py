@@ -101,6 +101,8 @@ class TrainConfig:
     progress: bool = True
     #: Also send the logged metrics to ``tensorboard`` and/or ``wandb`` (optional extras; see training.reporting).
     report_to: list[str] | str | None = None
+    #: ColA collaboration: one adapter family per user, all trained on one base in one run (training.collaboration).
+    users: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -153,6 +155,11 @@ def validate(cfg: TrainConfig) -> None:
     from cotune.training.reporting import report_names
 
     report_names(cfg.report_to)  # unknown names fail here, before the model loads
+    for family in cfg.users or []:
+        from cotune.adapters.methods import methods
+
+        if family not in methods():
+            raise CotuneError(f"users: unknown adapter family {family!r}; known: {', '.join(methods())}")
     # The method's options, type-checked now (r="8" is one error line), not after the model has loaded.
     from cotune.adapters.methods import method_configs
 

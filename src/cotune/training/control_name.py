@@ -13,8 +13,9 @@ Grammar (ColA's ``make.py``): ``<data>_<model>_<task>_<method>_<batch>[_col]`` w
   ``~`` for a collaboration of users with different families) and update interval ``I``;
 * ``batch``: the batch size; a trailing ``_col`` asks for ColA's collaborative merged mode.
 
-``~`` combinations and ``_col`` describe several users sharing one base; one ``cotune train`` run trains
-one adapter set, so they are parsed but refused with a pointer to what to run instead.
+``~`` combinations and ``_col`` describe several users sharing one base: they become a config with ``users``
+(one adapter family per user) that ``cotune train`` runs as one collaboration through the tenant bank
+(``cotune.training.collaboration``); ``_col`` also turns on ColA's collaborative merged mode.
 """
 
 from __future__ import annotations
@@ -129,14 +130,8 @@ def parse_control_name(name: str) -> ControlName:
 def control_name_config(name: str | ControlName) -> dict[str, Any]:
     """The config dict (``TrainConfig`` layout) a ColA run name stands for; overrides apply on top."""
     cn = parse_control_name(name) if isinstance(name, str) else name
-    if len(cn.aux) > 1 or cn.collaboration:
-        what = "'~'-joined auxiliary models" if len(cn.aux) > 1 else "the '_col' collaboration flag"
-        raise CotuneError(
-            f"control name {cn.text!r} uses {what}, i.e. several users with their own adapters on one base; "
-            f"`cotune train` trains one adapter set per run: train each user's adapter with its own run name "
-            f"(e.g. {cn.data}_{cn.model}_{cn.task}_cola-{cn.aux[0] if cn.aux else 'lowrank'}-{cn.interval}_"
-            f"{cn.batch_size}), or serve them together with `cotune serve`"
-        )
+    if cn.collaboration and cn.method != "cola":
+        raise CotuneError(f"control name {cn.text!r}: '_col' (collaboration) needs a cola-<aux>-<I> method")
     cfg: dict[str, Any] = {
         "model": cn.model,
         "task": {"kind": TASKS[cn.task], "data": DATA.get(cn.data) or HUB_DATA[cn.data]},
@@ -154,4 +149,10 @@ def control_name_config(name: str | ControlName) -> dict[str, Any]:
         aux = cn.aux[0]
         cfg["method"] = {"name": aux, "options": dict(LOWRANK_DEFAULTS) if aux == "lowrank" else {}}
         cfg["engine"] = {"name": "gl", "options": {"interval": cn.interval}}
+        if len(cn.aux) > 1 or cn.collaboration:
+            # Several users on one base (training.collaboration): one per auxiliary model; '_col' alone means
+            # two users of the same family, in ColA's collaborative merged mode (W + mean_k ΔW_k).
+            cfg["users"] = list(cn.aux) if len(cn.aux) > 1 else [aux, aux]
+            if cn.collaboration:
+                cfg["engine"]["options"]["merged"] = True
     return cfg
