@@ -65,3 +65,6 @@ def test_a_string_where_a_number_belongs_is_one_error_line(tmp_path, shared_data
         assert len(lines) == 1 and "option r" in lines[0] and "expected an integer" in lines[0], out.stderr
     out = cotune("train", "bad.yaml", "method.options.r=8", "batch_size=four", *TINY[:1], cwd=tmp_path)
     assert out.returncode == 2 and "batch_size" in out.stderr and "Traceback" not in out.stderr
+    out = cotune("train", "bad.yaml", "method.options.r=8", "optim.lr=nan", *TINY, "--quiet", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("cotune train: error:") and "lr" in out.stderr

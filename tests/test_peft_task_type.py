@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from cotune.adapters import attach, load_adapter, make_config, save_adapter, trainable_parameters
+from cotune.adapters import adapter_sets, attach, load_adapter, make_config, save_adapter, trainable_parameters
 from cotune.models import load_model
 
 
@@ -44,3 +44,15 @@ def test_lowrank_seq_cls_loads_in_peft(minilm_cls, sst2_batch, tmp_path, with_he
     load_adapter(again, tmp_path / "a")
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, ours, rtol=0, atol=1e-5)
+
+
+def test_keyword_options_go_to_the_families_given_by_name(minilm_cls):
+    """README: ``attach(model, ["lowrank", make_config("full")], r=8, lora_alpha=16)``: r/alpha are lowrank's."""
+    head = make_config("full")
+    attach(minilm_cls, ["lowrank", head], r=8, lora_alpha=16)
+    lowrank, full = adapter_sets(minilm_cls)["default"]
+    assert (lowrank.family, lowrank.r, lowrank.lora_alpha) == ("lowrank", 8, 16.0)
+    assert full.family == "full" and full.target_modules == ["classifier"]
+    # With no name among the entries, the options update the config objects (as a single config always did).
+    attach(minilm_cls, make_config("lowrank", target_modules=["key"]), name="b", r=4)
+    assert adapter_sets(minilm_cls)["b"][0].r == 4
