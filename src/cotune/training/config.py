@@ -170,7 +170,7 @@ def validate(cfg: TrainConfig) -> None:
         method_configs(cfg.method.name, None, **options)
     except CotuneError as e:
         raise CotuneError(f"method {cfg.method.name!r}: {e}") from e
-    except Exception:  # noqa: BLE001 - a user's preset that needs the model is checked when the model is built
+    except Exception:  # a user's preset that needs the model is checked when the model is built
         pass
 
 
