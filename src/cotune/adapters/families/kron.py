@@ -24,8 +24,9 @@ AdaKron's own flags, with the meaning its README gives them:
   their weights (the "expert soup" above: one adapter); ``1`` draws one expert per group for each sequence and
   ``0`` for each token (random routing, as in training but finer-grained).
 
-Saved tensor names: ``down_a.weight (E_a, 4, d)``, ``down_a.bias (E_a, 4)``, ``down_v.weight (E_v, r/4, d)``,
-``down_v.bias (E_v, r/4)``, ``up.weight (d_out, r)``, ``up.bias (d_out)`` (``E = 1`` without a mixture).
+Saved tensor names (``k = sharing_down``, 4 by default): ``down_a.weight (E_a, k, d)``, ``down_a.bias (E_a, k)``,
+``down_v.weight (E_v, r/k, d)``, ``down_v.bias (E_v, r/k)``, ``up.weight (d_out, r)``, ``up.bias (d_out)``
+(``E = 1`` without a mixture).
 """
 
 from __future__ import annotations
