@@ -150,6 +150,12 @@ def test_ray_placement_agrees(base, data, monkeypatch):
         ref, _ = train(model, "gl", SGD, data, 2, placement="inline")
         got, _ = train(model, "gl", SGD, data, 2, placement="ray")
         assert rel(got, ref) == 0.0
+        # In float64 with AdamW and the default wire, the actor's adapter equals backprop's to 1e-10 of the update.
+        model64 = model.double()
+        init = weights(model64)
+        bp, _ = train(model64, "backprop", ADAMW, data, 3)
+        got, _ = train(model64, "gl", ADAMW, data, 3, placement="ray")
+        assert max(float((got[k] - bp[k]).abs().max() / (bp[k] - init[k]).abs().max()) for k in bp) <= 1e-10
     finally:
         ray.shutdown()
 
