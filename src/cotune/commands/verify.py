@@ -34,13 +34,14 @@ import json
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from cotune.adapters import adapters, attach, default_targets, families, make_config, trainable_parameters
 from cotune.adapters.attach import copy_adapter_weights
@@ -304,8 +305,10 @@ def wire_note(stats: dict[str, float]) -> str:
     return f"Σδuᵀ for {int(stats.get('statistics', 0))}/{int(shipped)} calls" if shipped else ""
 
 
-def verify_family(base: nn.Module, family: str, data: list, s: Settings) -> list[CheckResult]:
-    """All checks for one family on copies of ``base`` (fp32) and of its float64 twin."""
+def verify_family(
+    base: nn.Module, family: str, data: list, s: Settings, tick: Callable[[], None] | None = None
+) -> list[CheckResult]:
+    """All checks for one family on copies of ``base`` (fp32) and of its float64 twin; ``tick`` after each."""
     name = "verify"
     model32 = prepared(base, family, name)
     init = snapshot(model32, name)
@@ -336,6 +339,8 @@ def verify_family(base: nn.Module, family: str, data: list, s: Settings) -> list
                 limit = s.envelope_factor * env
             ok = d == 0.0 or d <= limit
             results.append(CheckResult(family, mode.name, dtype, d, limit, env, ok, wire_note(stats)))
+            if tick is not None:
+                tick()
     return results
 
 
@@ -351,11 +356,14 @@ def verify(names: Sequence[str], s: Settings | None = None) -> list[CheckResult]
         keep_layers(base, s.layers)
     data = batches(load_tokenizer("minilm"), s.rows, s.max_length)
     results: list[CheckResult] = []
-    for family in names:
-        try:
-            results += verify_family(base, family, data, s)
-        except Exception as e:  # noqa: BLE001 - one broken family must not hide the others' results
-            results.append(
-                CheckResult(family, "error", "", None, None, None, False, f"{type(e).__name__}: {str(e)[:200]}")
-            )
+    # A full run takes minutes per family: a bar on a terminal (tqdm's rule), silent in pipes and tests.
+    with tqdm(total=len(names) * len(modes(s)) * len(s.dtypes), desc="verify", unit="check", disable=None) as bar:
+        for family in names:
+            bar.set_postfix_str(family)
+            try:
+                results += verify_family(base, family, data, s, tick=lambda: bar.update(1))
+            except Exception as e:  # noqa: BLE001 - one broken family must not hide the others' results
+                results.append(
+                    CheckResult(family, "error", "", None, None, None, False, f"{type(e).__name__}: {str(e)[:200]}")
+                )
     return results
