@@ -235,6 +235,20 @@ def test_server_paths_only_under_data_roots(server, alice, shared_data):
     assert c.wait(ok["id"], timeout=180)["status"] == "succeeded"
 
 
+def test_non_finite_numbers_are_a_422_in_json(server, alice):
+    """Python's json reads NaN / Infinity tokens; the refusal must still be a JSON 422, never a 500."""
+    c, f, st = alice
+    for bad in ("NaN", "Infinity", "-Infinity"):
+        body = json.dumps({"train": {"file_id": f["id"]}, "steps": 2, "optim": {"lr": 1e-3}}).replace("0.001", bad)
+        r = httpx.post(f"{server.url}/v1/jobs", content=body, timeout=30,
+                       headers={"Authorization": f"Bearer {c.token}", "Content-Type": "application/json"})
+        assert r.status_code == 422, (bad, r.text)
+        assert "finite" in json.dumps(r.json()["detail"])
+    zo = c.submit({"train": {"file_id": f["id"]}, **TINY, "engine": "zo", "engine_options": {"eps": 0.0}})
+    assert "eps must be > 0" in c.wait(zo["id"], timeout=60)["error"]  # the engine refuses it before any step
+    assert c.health()["ok"] and c.status(st["id"])["status"] == "succeeded"
+
+
 def test_malformed_upload_fails_the_job_not_the_server(server, alice):
     c, _, st = alice
     bad = c.upload_bytes(b"sentence\tlabel\nfine movie\t1\nno label column here\n", "bad.tsv")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import math
 import os
 import re
 import time
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from cotune.errors import CotuneError
@@ -99,6 +102,12 @@ def create_app(config: ServiceConfig, store: Store | None = None, runner: Any = 
     @app.exception_handler(CotuneError)
     async def _cotune_error(request: Request, exc: CotuneError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input, and a NaN or Infinity in it (Python's json module reads those
+        # tokens) cannot be serialised: the client got a 500 in plain text instead of this 422.
+        return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
 
     def own_job(job_id: str, tid: str) -> JobRecord:
         job = store.get_job(job_id, tid)
@@ -303,3 +312,14 @@ def create_app(config: ServiceConfig, store: Store | None = None, runner: Any = 
 
 def _uses_file(spec: dict[str, Any], file_id: str) -> bool:
     return any((spec.get(k) or {}).get("file_id") == file_id for k in ("train", "eval"))
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats written as strings ("nan", "inf"), so strict JSON can carry it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value

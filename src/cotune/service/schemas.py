@@ -38,12 +38,12 @@ class DataRef(Strict):
 
 class OptimSpec(Strict):
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(default=1e-3, gt=0, le=10)
-    weight_decay: float = Field(default=0.0, ge=0)
-    momentum: float = Field(default=0.0, ge=0, lt=1)
+    lr: float = Field(default=1e-3, gt=0, le=10, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    momentum: float = Field(default=0.0, ge=0, lt=1, allow_inf_nan=False)
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
-    max_grad_norm: float | None = Field(default=None, gt=0)
+    max_grad_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class JobSpec(Strict):
