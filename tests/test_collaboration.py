@@ -17,7 +17,8 @@ SMALL = ["max_steps=3", "train_limit=16", "eval_limit=8", "eval_batch_size=8", "
     ("glue-sst2_minilm_sc_cola-lowrank-1_4_col", ["lowrank", "lowrank"], True),
 ])
 def test_collaboration_trains_every_user_and_reports_each_metric(tmp_path, shared_data, name, users, merged):
-    out = cotune("train", "--control_name", name, f"data_root={shared_data}", *SMALL, cwd=tmp_path)
+    extra = ["report_to=tensorboard"] if merged else []
+    out = cotune("train", "--control_name", name, f"data_root={shared_data}", *SMALL, *extra, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["merged"] is merged and summary["engine"] == "gl" and summary["steps"] == 3
@@ -31,6 +32,14 @@ def test_collaboration_trains_every_user_and_reports_each_metric(tmp_path, share
         weights.append(load_file(str(tmp_path / u["adapter"] / "adapter_model.safetensors")))
     # The users learnt from different rows: their heads differ.
     assert not (weights[0]["base_model.model.classifier.weight"] == weights[1]["base_model.model.classifier.weight"]).all()
+    if extra:  # each user's validation metrics under its own TensorBoard tag
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tmp_path / summary["output_dir"] / "tensorboard"))
+        acc.Reload()
+        for tid in ids:
+            (event,) = acc.Scalars(f"eval/{tid}/accuracy")
+            assert event.step == 3 and abs(event.value - summary["users"][tid]["validation"]["accuracy"]) < 1e-6
     # A user's adapter is an ordinary run: `cotune eval` rebuilds it and finds the reported metric again.
     first = summary["users"][ids[0]]
     ev = cotune("eval", "--adapter", first["adapter"], "--limit", "8", "--quiet", cwd=tmp_path)

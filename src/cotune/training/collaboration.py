@@ -118,16 +118,20 @@ def train_collaboration(cfg: TrainConfig, verbose: bool = True) -> dict[str, Any
     from tqdm.auto import tqdm
 
     losses: dict[str, list[float]] = {t: [] for t in ids}
-    with tqdm(total=steps, desc="train (all users)", disable=not cfg.progress, dynamic_ncols=True) as bar:
-        for step, batch in enumerate(sched, 1):
-            for tid, r in trainer.step(batch).items():
-                losses[tid].append(r.loss)
-            if cfg.log_every and (step % cfg.log_every == 0 or step == steps):
-                log.log({"type": "train", "step": step,
-                         **{f"loss/{t}": sum(v[-cfg.log_every :]) / len(v[-cfg.log_every :]) for t, v in losses.items()
-                            if v}})
-            bar.update(1)
-    trainer.close()
+    try:
+        with tqdm(total=steps, desc="train (all users)", disable=not cfg.progress, dynamic_ncols=True) as bar:
+            for step, batch in enumerate(sched, 1):
+                for tid, r in trainer.step(batch).items():
+                    losses[tid].append(r.loss)
+                if cfg.log_every and (step % cfg.log_every == 0 or step == steps):
+                    window = {t: v[-cfg.log_every :] for t, v in losses.items() if v}
+                    log.log({"type": "train", "step": step, **{f"loss/{t}": sum(v) / len(v) for t, v in window.items()}})
+                bar.update(1)
+    except BaseException:
+        log.close()  # report_to sinks (TensorBoard, W&B) end with the run
+        raise
+    finally:
+        trainer.close()  # stops the users' fitters (threads, processes, Ray actors) even when a step failed
     val = held if held is not None else list(task.load(cfg.val_split).rows)
     users: dict[str, Any] = {}
     model.eval()
@@ -139,7 +143,8 @@ def train_collaboration(cfg: TrainConfig, verbose: bool = True) -> dict[str, Any
         # The user's own run config beside its adapter: `cotune eval/export/chat --adapter` rebuild it from that.
         own = replace(cfg, users=None, optim=optim, overwrite=False, output_dir=str(out / "users" / tid),
                       method=replace(cfg.method, name=family,
-                                     options=dict(cfg.method.options) if family == cfg.method.name else {}))
+                                     options=dict(cfg.method.options) if family == cfg.method.name else {}),
+                      engine=replace(cfg.engine, options={k: v for k, v in cfg.engine.options.items() if k != "merged"}))
         save_config(own, out / "users" / tid / "config.yaml")
         users[tid] = {"family": family, "train_rows": len(shards[ids.index(tid)]), "steps": trainer.steps[tid],
                       "skipped": trainer.skipped[tid], "validation": metrics, "adapter": str(folder)}

@@ -46,12 +46,14 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     kind = record.get("type")
     if kind not in SCALAR_RECORDS:
         return {}
+    # A collaboration's per-user records: ``eval/<user>/<key>`` so the users' curves stay apart.
+    prefix = f"{kind}/{record['user']}" if "user" in record else kind
     out = {}
     for k, v in record.items():
-        if k in ("type", "step", "split") or isinstance(v, bool) or not isinstance(v, int | float):
+        if k in ("type", "step", "split", "user") or isinstance(v, bool) or not isinstance(v, int | float):
             continue
         if math.isfinite(v):
-            out[f"{kind}/{k}"] = float(v)
+            out[f"{prefix}/{k}"] = float(v)
     return out
 
 
