@@ -114,3 +114,8 @@ def test_adakron_flags_train_from_the_command_line(tmp_path, shared_data):
     saved = json.loads((tmp_path / "runs" / "madakron_minilm_mrpc" / "adapter" / "adapter_config.json").read_text())
     kron = next(c for c in saved["cotune_components"] if c["cotune_family"] == "kron")
     assert kron["inference_level"] == 1 and kron["consistency_loss"] == 1.0 and kron["mixture"] == "full"
+
+
+def test_a_family_option_at_the_top_level_names_its_place():
+    with pytest.raises(CotuneError, match=r"set method.options.inference_level"):
+        load_config(None, ["task.data=x", "method.name=kron", "inference_level=3"])

@@ -126,9 +126,24 @@ class TrainConfig:
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """A validated ``TrainConfig``; unknown keys at any level are an error listing the valid ones."""
+    _hint_method_options(d)
     cfg: TrainConfig = from_dict(TrainConfig, d)
     validate(cfg)
     return cfg
+
+
+def _hint_method_options(d: dict[str, Any]) -> None:
+    """A top-level key that is an option of the method's family (AdaKron's ``inference_level``) names its place."""
+    from cotune.adapters.base import families, get_family
+
+    name = (d.get("method") or {}).get("name", MethodConfig.name) if isinstance(d.get("method"), dict | None) else None
+    if name not in families():
+        return
+    options = {f.name for f in dataclasses.fields(get_family(name).config_cls)}
+    stray = sorted(k for k in d if k not in {f.name for f in dataclasses.fields(TrainConfig)} and k in options)
+    if stray:
+        where = ", ".join(f"method.options.{k}" for k in stray)
+        raise CotuneError(f"{stray} are options of the {name!r} adapter family, not top-level keys: set {where}")
 
 
 def validate(cfg: TrainConfig) -> None:
