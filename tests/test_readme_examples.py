@@ -31,7 +31,7 @@ SKIP = {
     "cotune serve": "starts a long-running HTTP server (tested in test_service_http.py)",
     "cotune client register": "needs a running server (tested in test_service_http.py)",
     "cotune chat --adapter DIR": "needs a causal-LM adapter, minutes to train here (tested in test_chat_command.py)",
-    "cotune verify": "runs for minutes (tested in tests/test_verify*.py)",
+    "cotune verify": "runs for a minute or more on 2 cores (tested in tests/test_verify*.py)",
 }
 TINY = ["max_steps=2", "train_limit=8", "batch_size=4", "eval_every=0", "eval_limit=4", "eval_batch_size=4",
         "save_every=1", "test=false", "--quiet"]
