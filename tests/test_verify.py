@@ -26,6 +26,8 @@ def test_quick_verify_checks_the_defaults_every_mode_and_prints_the_envelope(cap
     assert d64["note"].startswith("Σδuᵀ for 16/16") and d64["rel_diff"] <= 1e-10
     assert 0 < d32["rel_diff"] <= 2 * d32["envelope"] and d32["limit"] == 2 * d32["envelope"]
     assert by[("full", "merged", "fp32")]["rel_diff"] == 0.0  # a head trained in place has no wire rounding
+    assert main(["verify", "--report", str(out)]) == 0  # the table rebuilt from the JSON, nothing re-run
+    assert capsys.readouterr().out.splitlines() == text.splitlines()[:-1]
 
 
 def test_a_tighter_envelope_fails_and_exits_1(capsys):

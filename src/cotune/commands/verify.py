@@ -122,6 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtypes", nargs="*", default=None, choices=list(DTYPES), help="default: fp32 float64")
     p.add_argument("--envelope-factor", type=float, default=None, help="fp32 limit in rounding envelopes (2)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--report", default=None, metavar="JSON", help="print the table of a saved --json file; run nothing")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -138,6 +139,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.report:
+        saved = [CheckResult(**r) for r in json.loads(Path(args.report).read_text())]
+        print(format_table(saved))
+        return 1 if any(not r.ok for r in saved) else 0
     names = args.families or families()
     s = settings_from(args)
     t0 = time.time()
