@@ -101,6 +101,6 @@ class LinearAdapter(Adapter):
         state = super().merged_state(base)
         if b is not None:
             assert isinstance(base_bias, torch.Tensor)
-            new = base_bias.detach().to(b.dtype) + self.scaling * b.detach().to(self.compute_dtype, device=base_bias.device)
+            new = base_bias.detach().to(b.dtype) + self.scaling * b.detach().to(device=base_bias.device, dtype=self.compute_dtype)
             state["bias"] = new.to(base_bias.dtype)
         return state
