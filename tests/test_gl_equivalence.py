@@ -148,3 +148,38 @@ def test_every_engine_refuses_a_nan_learning_rate_and_keeps_the_weights(small, e
         with pytest.raises(CotuneError, match="eps must be > 0 and finite"):
             make_engine("zo", model, OptimConfig(optimizer="sgd"), eps=float("nan"))
     assert all(torch.equal(before[k], v) for k, v in trainable_parameters(model).items())
+
+
+def test_madakron_consistency_loss_two_forwards_equal_backprop(small, monkeypatch):
+    """The consistency loss runs every site twice per step with independent expert draws: GL pairs the calls and
+    replays each call's draw, so it equals backprop exactly (float64 and fp32)."""
+    import torch.nn.functional as F
+
+    from cotune.adapters.families.kron import consistency_loss
+
+    base, data = small
+
+    def loss(model, batch):
+        first, second = (model(**batch[0]).logits.float() for _ in range(2))
+        return F.cross_entropy(first, batch[1]) + consistency_loss(first, second)
+
+    monkeypatch.setattr(verify, "seq_cls_loss", loss)  # the loss ``verify.trajectory`` trains with
+    for dtype in (torch.float64, torch.float32):
+        model = copy.deepcopy(base)
+        torch.manual_seed(0)
+        attach(model, make_config("kron", mixture="partial", num_experts=2), name="v")
+        model.eval()
+        for ad in adapters(model, "v").values():
+            ad.train()
+        model.to(dtype)
+        with torch.no_grad():  # experts start as copies: make them differ, so that the draws matter
+            for p in trainable_parameters(model, "v").values():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p))
+            random.seed(0)
+            first, second = (model(**data[0][0]).logits for _ in range(2))
+        assert consistency_loss(first.float(), second.float()) > 0  # the two forwards really drew differently
+        init = verify.snapshot(model, "v")
+        opt = OptimConfig(optimizer="adamw", lr=1e-3)
+        bp, _ = verify.trajectory(model, "v", init, "backprop", opt, data, 6)
+        gl, _ = verify.trajectory(model, "v", init, "gl", opt, data, 6)
+        assert verify.rel_update(gl, bp, init) == 0.0 and verify.rel_update(bp, init, init) > 0.1
