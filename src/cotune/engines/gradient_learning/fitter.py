@@ -95,16 +95,15 @@ class Fitter:
         # heavily, and in fp32 it pushed the statistic path outside backprop's own rounding envelope (2.75x at
         # I = 4 for loretta_rep); in float64 it costs the fitter O(d_out·d_in) per site, nothing on the server.
         ad.train(False)
-        wide = {k: t.double() for k, t in [*ad.named_parameters(), *ad.named_buffers()] if t.is_floating_point()}
-        d = torch.func.functional_call(_DeltaWeight(ad), {f"ad.{k}": t for k, t in wide.items()}, ())
+        wide = {f"ad.{k}": t.double() for k, t in [*ad.named_parameters(), *ad.named_buffers()] if t.is_floating_point()}
+        d_u, _ = site_widths(ad)
+        zero = torch.zeros(1, d_u, device=self.device, dtype=torch.float64)
+        d, c = torch.func.functional_call(_Affine(ad), wide, (zero,))
         if d is None or not d.requires_grad:
             raise CotuneError(
                 f"site {msg.path!r}: the {ad.config.family} adapter's delta_weight() is not differentiable in its "
                 "parameters, so the sufficient statistic cannot train it; use sufficient_statistic='off'"
             )
-        d_u, _ = site_widths(ad)
-        zero = torch.zeros(1, d_u, device=self.device, dtype=torch.float64)
-        c = ad.scaling * torch.func.functional_call(ad, wide, (zero,))[0]
         s, dsum = msg.s.to(self.device, torch.float64), msg.delta_sum.to(self.device, torch.float64)
         ((d * s).sum() + (c * dsum).sum()).backward()
 
@@ -149,12 +148,13 @@ def _device_of(adapters: dict[str, nn.Module]) -> torch.device:
     return torch.device("cpu")
 
 
-class _DeltaWeight(nn.Module):
-    """``delta_weight()`` as a forward, so ``torch.func.functional_call`` can evaluate it on other weights."""
+class _Affine(nn.Module):
+    """``(D, c)`` of ``s·g(u) = D u + c`` as one forward, so ``torch.func.functional_call`` can evaluate it on
+    float64 copies of the weights; ``c`` comes from ``AdaptedModule.delta``, as every other ``s·g``."""
 
     def __init__(self, ad: Adapter) -> None:
         super().__init__()
         self.ad = ad
 
-    def forward(self) -> torch.Tensor:
-        return self.ad.delta_weight()
+    def forward(self, zero: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return self.ad.delta_weight(), AdaptedModule.delta(self.ad, zero)[0]
