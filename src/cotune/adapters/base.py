@@ -115,6 +115,14 @@ class Adapter(nn.Module):
                 return torch.float64 if p.dtype == torch.float64 else torch.float32
         return torch.float32
 
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A, B)`` with ``s·g(u) = s·B A u`` exactly, for a deterministic parallel adapter; else ``None``.
+
+        A family that declares this lets the tenant router batch every tenant of that shape at a site into
+        one gathered matmul; the factors are the live parameters (autograd reaches them).
+        """
+        return None
+
     def delta_weight(self) -> torch.Tensor | None:
         """``s·ΔW`` in ``nn.Linear`` layout ``(d_out, d_in)``, in ``compute_dtype``; ``None`` when not mergeable."""
         return None

@@ -61,5 +61,8 @@ class LowRank(Adapter):
             u = dropout(u, self.p, self.generator(seed, u.device))
         return self.lora_B(self.lora_A(u))
 
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.stochastic or self.site != "parallel" else (self.lora_A.weight, self.lora_B.weight)
+
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B.weight.to(self.compute_dtype) @ self.lora_A.weight.to(self.compute_dtype))
