@@ -191,6 +191,22 @@ def parameter_report(model: nn.Module, name: str | None = None) -> tuple[list[tu
     return rows, sum(n for _, n in rows), base_total
 
 
+def format_parameter_report(rows: list[tuple[str, int]], total: int, base: int, per_module: bool = False) -> str:
+    """``parameter_report``'s numbers as a table; modules that differ only by layer index are grouped."""
+    lines = []
+    if per_module:
+        lines += [f"{path:<60} {n:>12,}" for path, n in rows]
+    else:
+        groups: dict[str, list[int]] = {}
+        for path, n in rows:
+            groups.setdefault(re.sub(r"\.\d+\.", ".*.", path), []).append(n)
+        lines += [f"{k:<60} {len(v):>4} x {v[0]:>10,} = {sum(v):>12,}" for k, v in groups.items()]
+    lines.append(f"{'trainable parameters':<60} {total:>25,}")
+    lines.append(f"{'base model parameters':<60} {base:>25,}")
+    lines.append(f"{'trainable %':<60} {100 * total / max(base, 1):>25.4f}")
+    return "\n".join(lines)
+
+
 def merge(model: nn.Module, name: str | None = None) -> None:
     """Fold set ``name`` into the base weights (errors for non-mergeable families before changing anything)."""
     ads = adapters(model, name)

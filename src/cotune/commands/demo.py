@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     from cotune.adapters import attach, make_config, parameter_report, save_adapter, trainable_parameters
-    from cotune.commands.params import format_report
+    from cotune.adapters.attach import format_parameter_report
     from cotune.engines import OptimConfig, make_engine
     from cotune.models import load_model, load_tokenizer
 
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         model.config.label2id = {v: k for k, v in enumerate(LABELS)}
         attach(model, [make_config("lowrank", r=args.rank, lora_alpha=args.rank), make_config("full")])
         if not results:
-            print(format_report(*parameter_report(model)))
+            print(format_parameter_report(*parameter_report(model)))
         model.train()
         engine = make_engine(engine_name, model, OptimConfig(optimizer="adamw", lr=args.lr))
         curve: list[tuple[int, float, float | None]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cotune.adapters import attach, parameter_report
+from cotune.adapters.attach import format_parameter_report as format_report  # this module's name for it
 from cotune.adapters.methods import method_configs
 from cotune.config import parse_overrides
 
@@ -27,21 +28,3 @@ def run(args: argparse.Namespace) -> int:
     rows, total, base = parameter_report(model)
     print(format_report(rows, total, base, per_module=args.per_module))
     return 0
-
-
-def format_report(rows: list[tuple[str, int]], total: int, base: int, per_module: bool = False) -> str:
-    """A table of trainable parameters; modules that differ only by layer index are grouped."""
-    import re
-
-    lines = []
-    if per_module:
-        lines += [f"{path:<60} {n:>12,}" for path, n in rows]
-    else:
-        groups: dict[str, list[int]] = {}
-        for path, n in rows:
-            groups.setdefault(re.sub(r"\.\d+\.", ".*.", path), []).append(n)
-        lines += [f"{k:<60} {len(v):>4} x {v[0]:>10,} = {sum(v):>12,}" for k, v in groups.items()]
-    lines.append(f"{'trainable parameters':<60} {total:>25,}")
-    lines.append(f"{'base model parameters':<60} {base:>25,}")
-    lines.append(f"{'trainable %':<60} {100 * total / max(base, 1):>25.4f}")
-    return "\n".join(lines)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from cotune.adapters import attach, parameter_report, save_adapter, sites
-from cotune.adapters.attach import copy_adapter_weights, default_targets, match_targets
+from cotune.adapters.attach import copy_adapter_weights, default_targets, format_parameter_report, match_targets
 from cotune.adapters.base import AdapterConfig, make_config
 from cotune.adapters.io import load_weights
 from cotune.adapters.methods import method_configs
@@ -289,9 +289,7 @@ class Trainer:
         self.model = model
         rows, total, base = parameter_report(model)
         self.trainable = total
-        from cotune.commands.params import format_report
-
-        self.say(format_report(rows, total, base))
+        self.say(format_parameter_report(rows, total, base))
 
         train = self.task.load("train")
         self.train_rows, held = split_rows(train.rows, cfg)
