@@ -104,7 +104,7 @@ def _loss(model: Any, batch: dict[str, Any]) -> Any:
 
 
 def _family_config(family: str, targets: list[str], rank: int) -> Any:
-    from cotune.adapters.base import make_config
+    from cotune.adapters.registry import make_config
 
     if family == "lowrank":
         return make_config("lowrank", r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets)

@@ -1,7 +1,5 @@
 """Adapter families, the site contract, and attach / merge / save / load."""
 
-import importlib
-
 from cotune.adapters.attach import (
     active_set,
     adapter_sets,
@@ -17,14 +15,13 @@ from cotune.adapters.attach import (
     trainable_parameters,
     unmerge,
 )
-from cotune.adapters.base import Adapter, AdapterConfig, get_family, make_config, register
+from cotune.adapters.base import Adapter, AdapterConfig, register
 from cotune.adapters.io import load_adapter, read_adapter_config, save_adapter
-from cotune.adapters.site import AdaptedModule
 
-# Importing the built-in family modules binds the subpackage ``cotune.adapters.families`` as an attribute of
-# this package, shadowing the function of that name; load them first, then bind the function.
-importlib.import_module("cotune.adapters.families")
-from cotune.adapters.base import families  # noqa: E402
+# Loading the subpackage ``cotune.adapters.families`` (registry.py does, at its top) binds it as an attribute of
+# this package; this import runs after that and rebinds the name to the function.
+from cotune.adapters.registry import families, get_family, make_config
+from cotune.adapters.site import AdaptedModule
 
 __all__ = [
     "AdaptedModule",

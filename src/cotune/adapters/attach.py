@@ -5,23 +5,19 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from cotune.adapters.base import Adapter, AdapterConfig, get_family, make_config
+from cotune.adapters.base import Adapter, AdapterConfig
+from cotune.adapters.naming import model_type, original_names
+from cotune.adapters.registry import get_family, make_config
 from cotune.adapters.site import AdaptedModule, io_widths
 from cotune.errors import CotuneError
 
 ConfigLike = AdapterConfig | str
-
-
-def model_type(model: nn.Module) -> str:
-    """The transformers ``model_type`` (``bert``, ``llama``, …) or ``""`` for plain modules."""
-    cfg = getattr(model, "config", None)
-    return str(getattr(cfg, "model_type", "") or "")
 
 
 def sites(model: nn.Module) -> dict[str, AdaptedModule]:
@@ -34,22 +30,9 @@ def adapter_sets(model: nn.Module) -> dict[str, list[AdapterConfig]]:
     return getattr(model, "_cotune_sets", {})
 
 
-def _original_names(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(path, module) in the original naming: wrappers stand for their base; adapters are skipped."""
-    skip: list[str] = []
-    for name, mod in model.named_modules():
-        if any(name.startswith(p) for p in skip):
-            continue
-        if isinstance(mod, AdaptedModule):
-            skip.append(name + ".")
-            yield name, mod
-        else:
-            yield name, mod
-
-
 def match_targets(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
     """Paths of modules matched by PEFT-style suffixes or a full-match regex; errors when none match."""
-    names = [n for n, _ in _original_names(model) if n]
+    names = [n for n, _ in original_names(model) if n]
     if isinstance(targets, str):
         rx = re.compile(targets)
         hits = [n for n in names if rx.fullmatch(n)]
@@ -143,7 +126,9 @@ def attach(
         ad = get_family(cfg.family).adapter_cls(cfg, d_in, d_out, base)
         ref = next((t for t in base.parameters()), None)
         if ref is not None:
-            ad.to(device=ref.device if ref.device.type != "meta" else "meta")
+            # PEFT's rule: adapters in fp32 on half-precision bases (autocast_adapter_dtype), else the base's dtype
+            dtype = torch.float64 if ref.dtype == torch.float64 else None
+            ad.to(device=ref.device if ref.device.type != "meta" else "meta", dtype=dtype)
         ad.train(model.training)  # follow the model's mode: an eval model must not get stochastic adapters
         built.append((path, ad, base))
     for path, ad, base in built:

@@ -1,14 +1,17 @@
 """The adapter contract (DESIGN §1): every family is an additive ``g(u; w)`` at a site of a base module.
 
-A family is a pair (config dataclass, ``Adapter`` subclass) registered under a string key. Engines only
+A family is a pair (config dataclass, ``Adapter`` subclass) registered under a string key with ``@register``;
+a method preset (several configs trained together) is a function registered with ``@method``. Engines only
 use what is defined here, so a family added later (by a user, without editing cotune) trains under every
-engine.
+engine. Looking families up (``get_family``, ``make_config``) is :mod:`cotune.adapters.registry`'s job: it
+loads the built-in families, which import this module, so this module does not import them (the two
+temporary shims at its end aside).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -188,35 +191,32 @@ def register(
     return deco
 
 
-def families() -> list[str]:
-    """The registered family names."""
-    _load_builtin()
-    return sorted(_REGISTRY)
+#: A method preset: ``fn(model, **overrides) -> list[AdapterConfig]`` (see ``cotune.adapters.methods``).
+MethodFn = Callable[..., list[AdapterConfig]]
+_METHODS: dict[str, MethodFn] = {}
 
 
+def method(name: str) -> Callable[[MethodFn], MethodFn]:
+    """Function decorator registering a preset of several configs as method ``name`` (open registry)."""
+
+    def deco(fn: MethodFn) -> MethodFn:
+        _METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+# -- temporary: tenants/bank.py imports these two from here until it switches to cotune.adapters.registry in the
+# same issue; the lookups live in registry.py (which loads the built-in families), so they are imported late.
 def get_family(name: str) -> Family:
-    """Look a family up by name or by its ``peft_type``; unknown names list the known ones."""
-    _load_builtin()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    for fam in _REGISTRY.values():
-        if fam.config_cls.peft_type == name:
-            return fam
-    near = difflib.get_close_matches(name, list(_REGISTRY), n=3)
-    hint = f" (did you mean {', '.join(near)}?)" if near else ""
-    raise CotuneError(f"unknown adapter family {name!r}{hint}; known: {', '.join(sorted(_REGISTRY))}")
+    """Deprecated here: use ``cotune.adapters.registry.get_family``."""
+    from cotune.adapters import registry
+
+    return registry.get_family(name)
 
 
 def make_config(family: str | AdapterConfig, **overrides: Any) -> AdapterConfig:
-    """A family's config from its name and ``key=value`` overrides (unknown keys are an error)."""
-    if isinstance(family, AdapterConfig):
-        if not overrides:
-            return family
-        d = dataclasses.asdict(family) | overrides
-        return type(family).from_dict(d, strict=True)
-    return get_family(family).config_cls.from_dict(overrides, strict=True)
+    """Deprecated here: use ``cotune.adapters.registry.make_config``."""
+    from cotune.adapters import registry
 
-
-def _load_builtin() -> None:
-    # Importing the package registers the built-in families (kept lazy to avoid import cycles).
-    import cotune.adapters.families  # noqa: F401
+    return registry.make_config(family, **overrides)

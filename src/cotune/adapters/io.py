@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cotune.adapters.attach import (
-    _original_names,
     active_set,
     adapter_sets,
     attach,
@@ -28,7 +27,9 @@ from cotune.adapters.attach import (
     sites,
     trainable_parameters,
 )
-from cotune.adapters.base import AdapterConfig, get_family
+from cotune.adapters.base import AdapterConfig
+from cotune.adapters.naming import original_names
+from cotune.adapters.registry import get_family
 from cotune.errors import CotuneError
 
 CONFIG_NAME = "adapter_config.json"
@@ -59,7 +60,7 @@ def _task_type(model: nn.Module, saved: set[str] | None = None) -> str | None:
     name = type(model).__name__
     task = next((v for k, v in TASK_TYPES.items() if name.endswith(k)), None)
     if task in HEAD_TASKS and saved is not None:
-        for path, mod in _original_names(model):
+        for path, mod in original_names(model):
             if path.rsplit(".", 1)[-1] not in PEFT_HEAD_NAMES:
                 continue
             wanted = {f"{path}.{k}" for k, _ in getattr(mod, "base", mod).named_parameters()}
@@ -150,7 +151,7 @@ def _from_peft(raw: dict[str, Any], path: Path) -> list[AdapterConfig]:
 
 def _present_heads(model: nn.Module, configs: list[AdapterConfig]) -> list[AdapterConfig]:
     # PEFT writes modules_to_save=["classifier", "score"] whatever the model has: keep those that exist.
-    names = [n for n, _ in _original_names(model)]
+    names = [n for n, _ in original_names(model)]
     out = []
     for c in configs:
         if c.family == "full" and isinstance(c.target_modules, list):

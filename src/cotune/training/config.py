@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from cotune.adapters.methods import method_configs, methods
+from cotune.adapters.registry import families, get_family
 from cotune.config import deep_update, from_dict, parse_overrides
 from cotune.engines.base import OptimConfig
 from cotune.errors import CotuneError
@@ -134,8 +136,6 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
 
 def _hint_method_options(d: dict[str, Any]) -> None:
     """A top-level key that is an option of the method's family (AdaKron's ``inference_level``) names its place."""
-    from cotune.adapters.base import families, get_family
-
     name = (d.get("method") or {}).get("name", MethodConfig.name) if isinstance(d.get("method"), dict | None) else None
     if name not in families():
         return
@@ -171,13 +171,9 @@ def validate(cfg: TrainConfig) -> None:
 
     report_names(cfg.report_to)  # unknown names fail here, before the model loads
     for family in cfg.users or []:
-        from cotune.adapters.methods import methods
-
         if family not in methods():
             raise CotuneError(f"users: unknown adapter family {family!r}; known: {', '.join(methods())}")
     # The method's options, type-checked now (r="8" is one error line), not after the model has loaded.
-    from cotune.adapters.methods import method_configs
-
     options = dict(cfg.method.options)
     if options.get("target_modules") == "all":  # expanded against the model later
         options.pop("target_modules")

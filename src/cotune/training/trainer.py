@@ -29,9 +29,10 @@ from torch import nn
 
 from cotune.adapters import attach, parameter_report, save_adapter, sites
 from cotune.adapters.attach import copy_adapter_weights, default_targets, format_parameter_report, match_targets
-from cotune.adapters.base import AdapterConfig, make_config
+from cotune.adapters.base import AdapterConfig
 from cotune.adapters.io import load_weights
 from cotune.adapters.methods import method_configs
+from cotune.adapters.registry import make_config
 from cotune.engines.base import make_engine
 from cotune.errors import CotuneError
 from cotune.tasks.progress import progress

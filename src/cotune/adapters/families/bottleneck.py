@@ -25,10 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cotune.adapters.attach import model_type
-from cotune.adapters.base import Adapter, AdapterConfig, make_config, register
+from cotune.adapters.base import Adapter, AdapterConfig, method, register
 from cotune.adapters.families.linear import ACTIVATIONS, activation, build_on, site_widths
-from cotune.adapters.methods import method
+from cotune.adapters.naming import model_type
 from cotune.errors import CotuneError
 
 _BERT_HOULSBY = r".*\.layer\.\d+\.(attention\.output|output)\.dense"
@@ -98,7 +97,7 @@ def _placed(placement: dict[str, list[str] | str], label: str, model: nn.Module 
                 f"pass target_modules (known: {', '.join(placement)})"
             )
         overrides["target_modules"] = placement[mt]
-    return [make_config("bottleneck", **overrides)]
+    return [BottleneckConfig.from_dict(overrides, strict=True)]
 
 
 @method("houlsby")

@@ -33,10 +33,10 @@ from typing import Any
 
 from torch import nn
 
-from cotune.adapters.attach import _original_names, model_type
-from cotune.adapters.base import AdapterConfig, make_config
-from cotune.adapters.families.full import HEAD_DEFAULT_TARGETS
-from cotune.adapters.methods import method
+from cotune.adapters.base import AdapterConfig, method
+from cotune.adapters.families.full import HEAD_DEFAULT_TARGETS, FullConfig
+from cotune.adapters.families.loretta import LorettaAdpConfig, LorettaRepConfig, TTLinearConfig
+from cotune.adapters.naming import model_type, original_names
 from cotune.errors import CotuneError
 
 #: Every normalisation layer by name (LayerNorm, input_layernorm, post_attention_layernorm, the final
@@ -45,7 +45,7 @@ NORM_REGEX = r"(?i).*(norm|\.ln_\d+|\.ln_f)"
 
 
 def _names(model: nn.Module | None) -> set[str]:
-    return {n for n, _ in _original_names(model)} if model is not None else set()
+    return {n for n, _ in original_names(model)} if model is not None else set()
 
 
 def _has(names: set[str], suffix: str) -> bool:
@@ -74,13 +74,13 @@ def head_configs(model: nn.Module | None, tensorize: bool | str = "auto", **tt: 
         pair = FRESH_HEADS.get(mt)
     if pair is not None and all(_has(names, t) for t in pair):
         dense, out = pair
-        first = make_config("tt_linear", target_modules=[dense], **tt) if tensorize is not False else None
+        first = TTLinearConfig.from_dict({"target_modules": [dense], **tt}, strict=True) if tensorize is not False else None
         if first is None:
-            first = make_config("full", target_modules=[dense])
-        return [first, make_config("full", target_modules=[out])]
+            first = FullConfig.from_dict({"target_modules": [dense]}, strict=True)
+        return [first, FullConfig.from_dict({"target_modules": [out]}, strict=True)]
     heads = HEAD_DEFAULT_TARGETS.get(mt, ["classifier", "score"])
     present = [t for t in heads if _has(names, t)]
-    return [make_config("full", target_modules=present)] if present else []
+    return [FullConfig.from_dict({"target_modules": present}, strict=True)] if present else []
 
 
 def _tensor_head(value: Any) -> bool | str:
@@ -126,9 +126,9 @@ def _split(
 def loretta_adp(model: nn.Module | None = None, **overrides: Any) -> list[AdapterConfig]:
     """TT bottleneck adapters + trainable norms + tensorized classifier (LoRETTA_adp)."""
     train_norms, tensorize, rest, tt = _split(dict(overrides), True, {"adapters"})
-    configs = [make_config("loretta_adp", **rest)]
+    configs = [LorettaAdpConfig.from_dict(rest, strict=True)]
     if train_norms:
-        configs.append(make_config("full", target_modules=NORM_REGEX))
+        configs.append(FullConfig.from_dict({"target_modules": NORM_REGEX}, strict=True))
     return configs + head_configs(model, tensorize, **tt)
 
 
@@ -136,7 +136,7 @@ def loretta_adp(model: nn.Module | None = None, **overrides: Any) -> list[Adapte
 def loretta_rep(model: nn.Module | None = None, **overrides: Any) -> list[AdapterConfig]:
     """TT-factored parallel updates of query/value + tensorized classifier (LoRETTA_rep)."""
     train_norms, tensorize, rest, tt = _split(dict(overrides), False, set())
-    configs = [make_config("loretta_rep", **rest)]
+    configs = [LorettaRepConfig.from_dict(rest, strict=True)]
     if train_norms:
-        configs.append(make_config("full", target_modules=NORM_REGEX))
+        configs.append(FullConfig.from_dict({"target_modules": NORM_REGEX}, strict=True))
     return configs + head_configs(model, tensorize, **tt)
