@@ -149,8 +149,13 @@ def _from_peft(raw: dict[str, Any], path: Path) -> list[AdapterConfig]:
     return configs
 
 
-def _present_heads(model: nn.Module, configs: list[AdapterConfig]) -> list[AdapterConfig]:
-    # PEFT writes modules_to_save=["classifier", "score"] whatever the model has: keep those that exist.
+def present_heads(model: nn.Module, configs: list[AdapterConfig]) -> list[AdapterConfig]:
+    """``configs`` without the ``full`` head targets that ``model`` does not have (read configs before attaching).
+
+    PEFT writes ``modules_to_save=["classifier", "score"]`` whatever the model has: a ``full`` config keeps the
+    targets that match a module of ``model`` (as a suffix) and is dropped when none is left; other configs pass
+    unchanged. The kept configs are changed in place.
+    """
     names = [n for n, _ in original_names(model)]
     out = []
     for c in configs:
@@ -184,7 +189,7 @@ def load_adapter(
 
     On any error the model is left as it was.
     """
-    configs = _present_heads(model, read_adapter_config(folder))
+    configs = present_heads(model, read_adapter_config(folder))
     state = load_weights(folder)
     attach(model, configs, name=name, activate=activate)
     try:
@@ -193,3 +198,6 @@ def load_adapter(
         detach(model, name)
         raise CotuneError(f"{Path(folder)}: {e}") from e
     return model
+
+
+_present_heads = present_heads  # temporary: tenants/bank.py switches in the same issue
