@@ -12,7 +12,7 @@ import pytest
 from cotune.errors import CotuneError
 from cotune.tasks import formats as F
 from cotune.tasks import make_task, resolve_data
-from cotune.tasks.catalog import carve_indices
+from cotune.tasks.dataset import carve_indices
 
 # Row counts from ../shared/data/README.md (MRPC train: see test_mrpc_train_has_3667_rows).
 COUNTS = {

@@ -45,8 +45,7 @@ def hub_dataset(name: str, split: str | None, options: dict[str, Any]) -> Any:
     """A hub data set by name, loaded with ``datasets`` only (no local path lookup)."""
     if not _HUB_NAME.match(name) or ".." in name:
         raise CotuneError(f"hub data set name {name!r} is not of the form owner/name[:config]")
-    from cotune.tasks.catalog import hub_offline
-    from cotune.tasks.hub import from_hub
+    from cotune.tasks.hub import from_hub, hub_offline
 
     if hub_offline():
         raise CotuneError(f"the server is offline (HF_HUB_OFFLINE=1): it cannot load {name!r} from the hub")

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from cotune.errors import CotuneError
+from cotune.models import offline
 from cotune.tasks import formats as F
-from cotune.tasks.catalog import DataSet, _carve_missing
+from cotune.tasks.dataset import DataSet, carve_missing
 from cotune.tasks.formats import LabelSpec, Rows
 
 HUB_SPLITS = {"train": ("train", "auxiliary_train"),  # MMLU on the hub: auxiliary_train
               "validation": ("validation", "validation_matched", "valid", "dev"), "test": ("test",)}
 #: columns renamed before format detection (hub spellings of the published formats)
 RENAME = {"img": "image"}
+
+
+def hub_offline() -> bool:
+    """True when the hub must not be reached (``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE``)."""
+    return offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 def from_hub(repo: str, config: str | None = None, *, name: str | None = None, **opts: Any) -> DataSet:
@@ -62,7 +69,7 @@ def dataset_from_dict(dd: Any, name: str, **opts: Any) -> DataSet:
         return read
 
     srcs = {s: reader(h) for s, h in present.items() if h}
-    return DataSet(name, shape, srcs, labels, task, where=f"hub:{name}", **_carve_missing(present))
+    return DataSet(name, shape, srcs, labels, task, where=f"hub:{name}", **carve_missing(present))
 
 
 def _hub_labels(train: Any, opts: dict) -> LabelSpec:
