@@ -200,7 +200,7 @@ def test_merged_needs_a_mergeable_family(base):
     with pytest.raises(CotuneError, match="merged=True.*not mergeable"):
         GradientLearningEngine(model, SGD, merged=True)
     assert all(p.requires_grad for p in trainable_parameters(model).values())
-    assert all(s.merged is None and s.tap is None for s in sites(model).values())
+    assert all(s.merged is None and not s.taps for s in sites(model).values())
 
 
 # -- the wire -----------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def test_site_seed_replays_the_servers_draw(minilm_cls, sst2_batch):
         return h
 
     for s in sites(model).values():
-        s.tap = tap
+        s.taps["default"] = tap
     for _ in range(2):
         model(**batch)
     assert len(seen) == 12 and len({s for *_, s in seen}) == 12  # a fresh seed per call and per layer
@@ -215,7 +215,7 @@ def test_gradient_learning_gradient_equals_backprop_with_replayed_draws(minilm_c
         return h
 
     for s in sites(model).values():
-        s.tap = tap
+        s.taps["default"] = tap
     torch.nn.functional.cross_entropy(model(**batch).logits, labels).backward()
     params = [p for rec in records for p in rec["ad"].parameters()]
     backprop = [p.grad for p in params]

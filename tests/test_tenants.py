@@ -19,8 +19,8 @@ from cotune.adapters.attach import copy_adapter_weights, sites, trainable_parame
 from cotune.engines.base import OptimConfig, make_optimizer
 from cotune.errors import CotuneError
 from cotune.models import load_model
+from cotune.tasks.losses import output_loss
 from cotune.tenants import MixedBatchScheduler, MultiTenantTrainer, RowGroups, TenantBank, gathered_lowrank
-from cotune.tenants.engine import classification_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._glue import encode, task_rows  # noqa: E402
@@ -244,7 +244,7 @@ def test_mixed_trajectory_equals_alone(data, engine, opt):
     init = {t: bank.state_dict(t) for t in TASKS}
     trainer = MultiTenantTrainer(bank, engine=engine, placement="thread" if engine == "gl" else "inline")
     for t in TASKS:
-        trainer.add(t, optim, classification_loss)
+        trainer.add(t, optim, output_loss)
     if engine == "gl":  # the server holds read-only weights only
         assert not any(p.requires_grad for t in TASKS for p in bank.parameters(t).values())
     mixed = {t: [] for t in TASKS}
@@ -274,7 +274,7 @@ def test_nan_in_one_tenant_leaves_the_others_unchanged(data, engine):
         bank = make_bank(tasks)
         trainer = MultiTenantTrainer(bank, engine=engine)
         for t in tasks:
-            trainer.add(t, optim, classification_loss)
+            trainer.add(t, optim, output_loss)
         for s in range(2):
             if poison and s == 1:
                 with torch.no_grad():
@@ -291,7 +291,7 @@ def test_nan_in_one_tenant_leaves_the_others_unchanged(data, engine):
 def test_failing_tenant_loss_is_skipped(data):
     bank = make_bank({"sst2": 2, "rte": 2})
     trainer = MultiTenantTrainer(bank, engine="gl")
-    trainer.add("sst2", OptimConfig(lr=1e-3), classification_loss)
+    trainer.add("sst2", OptimConfig(lr=1e-3), output_loss)
 
     def broken(logits, targets):
         raise RuntimeError("bad labels")
@@ -337,11 +337,11 @@ def test_trainer_join_and_leave_keep_trajectories(data):
     bank = make_bank({"sst2": 2, "rte": 2})
     init = {t: bank.state_dict(t) for t in ("sst2", "rte")}
     trainer = MultiTenantTrainer(bank, engine="gl")
-    trainer.add("sst2", optim, classification_loss)
+    trainer.add("sst2", optim, output_loss)
     sched = MixedBatchScheduler()
     sched.join("sst2", data["sst2"], rows_per_step=ROWS)
     trainer.step(sched.next_batch())
-    trainer.add("rte", optim, classification_loss)
+    trainer.add("rte", optim, output_loss)
     sched.join("rte", data["rte"][:2], rows_per_step=ROWS)
     trainer.step(sched.next_batch())
     sched.leave("sst2")
@@ -360,7 +360,7 @@ def test_collaborative_merged_mode_forward(data):
     bank = make_bank(tasks)
     trainer = MultiTenantTrainer(bank, engine="gl", merged=True)
     for t in tasks:
-        trainer.add(t, OptimConfig(lr=1e-3), classification_loss)
+        trainer.add(t, OptimConfig(lr=1e-3), output_loss)
     batch = mixed_batch(tasks, data, 0)
     deltas, covered = trainer._merged_deltas(batch)
     assert covered["bert.encoder.layer.0.attention.self.query"] == {"sst2", "rte"}
@@ -401,7 +401,7 @@ def test_micro_rows_chunks_whole_tenants_and_keeps_trajectories(data):
         init = {t: bank.state_dict(t) for t in tasks}
         trainer = MultiTenantTrainer(bank, engine=engine, micro_rows=4)
         for t in tasks:
-            trainer.add(t, optim, classification_loss)
+            trainer.add(t, optim, output_loss)
         for s in range(steps):
             res = trainer.step(mixed_batch(tasks, data, s))
             assert all(r.updated for r in res.values())

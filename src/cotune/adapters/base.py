@@ -1,11 +1,10 @@
-"""The adapter contract (DESIGN §1): every family is an additive ``g(u; w)`` at a site of a base module.
+"""The adapter contract: every family is an additive ``g(u; w)`` at a site of a base module.
 
 A family is a pair (config dataclass, ``Adapter`` subclass) registered under a string key with ``@register``;
 a method preset (several configs trained together) is a function registered with ``@method``. Engines only
 use what is defined here, so a family added later (by a user, without editing cotune) trains under every
 engine. Looking families up (``get_family``, ``make_config``) is :mod:`cotune.adapters.registry`'s job: it
-loads the built-in families, which import this module, so this module does not import them (the two
-temporary shims at its end aside).
+loads the built-in families, which import this module, so this module does not import them.
 """
 
 from __future__ import annotations
@@ -158,6 +157,10 @@ class Adapter(nn.Module):
     def prepare_base(self, base: nn.Module) -> None:  # noqa: B027 - optional hook
         """Called once when attached; may change the frozen base (CoLA's PiSSA residual)."""
 
+    def changes_base(self) -> bool:
+        """True while ``prepare_base`` has changed the frozen base (a base shared by tenants must refuse it)."""
+        return False
+
     def restore_base(self, base: nn.Module) -> None:  # noqa: B027 - optional hook
         """Undo ``prepare_base`` when the adapter is removed."""
 
@@ -204,19 +207,3 @@ def method(name: str) -> Callable[[MethodFn], MethodFn]:
         return fn
 
     return deco
-
-
-# -- temporary: tenants/bank.py imports these two from here until it switches to cotune.adapters.registry in the
-# same issue; the lookups live in registry.py (which loads the built-in families), so they are imported late.
-def get_family(name: str) -> Family:
-    """Deprecated here: use ``cotune.adapters.registry.get_family``."""
-    from cotune.adapters import registry
-
-    return registry.get_family(name)
-
-
-def make_config(family: str | AdapterConfig, **overrides: Any) -> AdapterConfig:
-    """Deprecated here: use ``cotune.adapters.registry.make_config``."""
-    from cotune.adapters import registry
-
-    return registry.make_config(family, **overrides)

@@ -198,6 +198,3 @@ def load_adapter(
         detach(model, name)
         raise CotuneError(f"{Path(folder)}: {e}") from e
     return model
-
-
-_present_heads = present_heads  # temporary: tenants/bank.py switches in the same issue

@@ -1,11 +1,15 @@
-"""``AdaptedModule``: a base module plus named adapters, applied at the adapter's site (DESIGN §1).
+"""``AdaptedModule``: a base module plus named adapters, composed at the adapter's site (docs/DESIGN.md).
 
-Two hooks let the engines and the tenant bank work without knowing any family:
+The site is the one place where an adapter's contribution is composed with the base module
+(``adapt_input`` for *pre* sites, ``adapt_output`` for the others); a single job and a routed mixed
+batch both go through it. Two hooks let the engines and the tenant bank work without knowing any family:
 
-* ``tap(site, adapter, u, h, seed) -> h``: called with the adapter input ``u`` and the tensor ``h`` the
-  adapter's contribution is added to; gradient learning registers a gradient hook on ``h`` here.
+* ``taps[name](site, adapter, u, h, seed) -> h``: per adapter set, called with the adapter input ``u`` and
+  the tensor ``h`` its contribution is added to (for a merged set, ``h`` is the module output); gradient
+  learning registers a gradient hook on ``h`` here.
 * ``router``: an object whose ``forward(site, x, *args, **kwargs)`` replaces this forward, so that each
-  row of a mixed batch gets its own tenant's adapter (``cotune.tenants``).
+  row of a mixed batch gets its own tenant's adapter (``cotune.tenants``); it calls back ``adapt_input``
+  and ``adapt_output`` for each tenant's rows.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ class AdaptedModule(nn.Module):
         self.active: str | None = None
         self.merged: str | None = None  # name of the adapter folded into ``base``, if any
         self._pristine: dict[str, torch.Tensor] = {}
-        self.tap: Tap | None = None
+        #: per adapter set name: the tap its engine installed (gradient learning's capture)
+        self.taps: dict[str, Tap] = {}
         self.router: Router | None = None
         self.d_in, self.d_out = io_widths(base)
 
@@ -71,33 +76,62 @@ class AdaptedModule(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.router is not None:
             return self.router.forward(self, x, *args, **kwargs)
-        ad = self.current()
-        if ad is None:
+        name = self.active
+        if name is None:
             return self.base(x, *args, **kwargs)
-        return self.apply_adapter(ad, x, *args, **kwargs)
+        ad: Adapter = self.adapters[name]  # type: ignore[assignment]
+        if name == self.merged:  # folded into the weight: the tap sees (x, module output)
+            return self.tapped(name, ad, x, self.base(x, *args, **kwargs), None)
+        seed = self.draw_seed(ad)
+        x = self.adapt_input(name, ad, x, seed)
+        y = None if ad.site == "replace" else self.base(x, *args, **kwargs)
+        return self.adapt_output(name, ad, x, y, seed)
 
-    def apply_adapter(self, ad: Adapter, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base module's forward with ``ad`` applied at its site (``h``), through the tap."""
-        seed = random.getrandbits(62) if ad.training and ad.stochastic else None
-        if ad.site == "replace":  # a float input sets the output dtype; integer ids (an embedding) cannot
-            h = self.delta(ad, x, seed)
-            h = h.to(x.dtype) if x.is_floating_point() else h
-            return self._tapped(ad, x, h, seed)
+    @staticmethod
+    def draw_seed(ad: Adapter) -> int | None:
+        """A fresh seed for one call of a stochastic adapter in training mode (``None`` otherwise)."""
+        return random.getrandbits(62) if ad.training and ad.stochastic else None
+
+    def adapt_input(self, name: str, ad: Adapter, x: torch.Tensor, seed: int | None) -> torch.Tensor:
+        """What the base module sees: ``x + s·g(x)`` at a *pre* site, ``x`` otherwise."""
+        if ad.site != "pre":
+            return x
+        return self.tapped(name, ad, x, x + self.delta(ad, x, seed).to(x.dtype), seed)
+
+    def adapt_output(
+        self,
+        name: str,
+        ad: Adapter,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        seed: int | None,
+        delta: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The site's output from its input ``x`` and the base output ``y`` (``None`` at a *replace* site).
+
+        *parallel*: ``y + s·g(x)``; *sequential*: ``y + s·g(y)``; *replace*: ``g(x)``; *pre*: ``y``.
+        ``delta``: ``s·g(u)`` already computed (the router's gathered low-rank matmul).
+        """
         if ad.site == "pre":
-            h = x + self.delta(ad, x, seed).to(x.dtype)
-            return self.base(self._tapped(ad, x, h, seed), *args, **kwargs)
-        y = self.base(x, *args, **kwargs)
+            assert y is not None
+            return y
+        if ad.site == "replace":  # a float input sets the output dtype; integer ids (an embedding) cannot
+            h = self.delta(ad, x, seed) if delta is None else delta
+            return self.tapped(name, ad, x, h.to(x.dtype) if x.is_floating_point() else h, seed)
+        assert y is not None
         u = x if ad.site == "parallel" else y
-        h = y + self.delta(ad, u, seed).to(y.dtype)
-        return self._tapped(ad, u, h, seed)
+        d = self.delta(ad, u, seed) if delta is None else delta
+        return self.tapped(name, ad, u, y + d.to(y.dtype), seed)
 
     @staticmethod
     def delta(ad: Adapter, u: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """``s·g(u)`` in the adapter's ``compute_dtype`` (the caller casts): never below fp32 (DESIGN §2)."""
+        """``s·g(u)`` in the adapter's ``compute_dtype`` (the caller casts): never below fp32."""
         return ad.scaling * ad(u.to(ad.compute_dtype) if u.is_floating_point() else u, seed=seed)
 
-    def _tapped(self, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None) -> torch.Tensor:
-        return h if self.tap is None else self.tap(self, ad, u, h, seed)
+    def tapped(self, name: str, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None) -> torch.Tensor:
+        """``h`` through set ``name``'s tap, if it has one."""
+        tap = self.taps.get(name)
+        return h if tap is None else tap(self, ad, u, h, seed)
 
     # -- merging -----------------------------------------------------------------------------------
     def merge(self, name: str | None = None) -> None:

@@ -1,14 +1,14 @@
-"""backprop: ordinary training of the active adapter set's parameters (DESIGN §3), the reference engine."""
+"""backprop: ordinary training of one adapter set's parameters, the reference engine."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import nn
 
 from cotune.adapters.attach import active_set, trainable_parameters
 from cotune.engines.base import LossFn, OptimConfig, StepResult, make_optimizer, make_scheduler
+from cotune.engines.step import gradient_step
 from cotune.engines.update import BadStepGuard, apply_update, check_loss
 from cotune.errors import CotuneError
 
@@ -50,33 +50,53 @@ class BackpropEngine:
         self.good_micro = 0  # micro-batches of the current window that contributed a gradient
         self.guard = BadStepGuard(max_bad_steps, "backprop")
 
+    kind = "gradient"
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.grad_accum
+
     def step(self, loss_fn: LossFn, batch: Any) -> StepResult:
         """One micro-batch; every ``grad_accum``-th call also updates the adapters."""
-        loss = check_loss(loss_fn(self.model, batch), "backprop")
-        value = float(loss.detach())
+        forward = lambda: {self.name: check_loss(loss_fn(self.model, batch), "backprop")}  # noqa: E731
+        return gradient_step({self.name: self}, forward)[self.name]
+
+    # -- the phases of a shared step (cotune.engines.step) -----------------------------------------
+    def begin(self) -> None:
+        """Nothing to prepare: the parameters already require grad."""
+
+    def backward_begins(self) -> None:
+        """Gradients accumulate in ``.grad`` during the shared backward."""
+
+    def abort(self) -> None:
+        """The forward or backward failed: drop the half-accumulated window."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.micro = self.good_micro = 0
+
+    def finish(self, value: float, reason: str | None = None) -> StepResult:
+        """After the backward: count the micro-batch, and every ``grad_accum``-th one apply the update."""
         self.micro += 1
-        skipped = False
-        if math.isfinite(value):
-            (loss / self.grad_accum).backward()
-            self.good_micro += 1
+        skipped = reason is not None
+        if skipped:
+            self.guard.bad(reason)
         else:
-            skipped = True
-            self.guard.bad(f"loss {value}")
+            self.good_micro += 1
         if self.micro < self.grad_accum:
-            return StepResult(value, updated=False, skipped=skipped)
+            return StepResult(value, updated=False, skipped=skipped, reason=reason)
         self.micro, good, self.good_micro = 0, self.good_micro, 0
         if not good:  # every micro-batch of the window was skipped: nothing to apply
             self.optimizer.zero_grad(set_to_none=True)
-            return StepResult(value, updated=False, skipped=True)
+            return StepResult(value, updated=False, skipped=True, reason=reason)
         updated, norm = apply_update(
             list(self.params.values()), self.optimizer, self.scheduler, self.optim.max_grad_norm
         )
         if not updated:
-            self.guard.bad(f"gradient norm {norm}")
+            reason = f"non-finite gradient (norm {norm})"
+            self.guard.bad(reason)
         elif not skipped:
             self.guard.good()
         stats = {"grad_norm": norm, "lr": self.optimizer.param_groups[0]["lr"]}
-        return StepResult(value, updated=updated, skipped=skipped or not updated, stats=stats)
+        return StepResult(value, updated=updated, skipped=skipped or not updated, stats=stats, reason=reason)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -94,5 +114,4 @@ class BackpropEngine:
 
     def close(self) -> None:
         """Nothing runs in the background; drops any half-accumulated gradient."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.micro = self.good_micro = 0
+        self.abort()

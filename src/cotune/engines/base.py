@@ -68,10 +68,19 @@ class StepResult:
     updated: bool = True
     skipped: bool = False  # a NaN/inf loss or gradient: no update was made
     stats: dict[str, float] = field(default_factory=dict)  # e.g. bytes shipped, fit seconds
+    reason: str | None = None  # why the step was skipped
 
 
 class Engine(Protocol):
-    """One training engine bound to a model and its active adapter set."""
+    """One training engine bound to a model and one adapter set (``name``; default: the active set).
+
+    ``kind`` says how ``cotune.engines.step`` drives it inside a step shared with other sets: ``gradient``
+    engines (``begin``, ``scale``, ``backward_begins``, ``finish``, ``abort``) share one forward and one
+    backward; ``forward`` engines (``draw_seeds``, ``perturb``, ``finish``) share inference forwards.
+    """
+
+    kind: str
+    name: str
 
     def step(self, loss_fn: LossFn, batch: Any) -> StepResult:
         """Run one training step on ``batch``; afterwards the model's adapters hold the new weights."""
@@ -95,11 +104,14 @@ ENGINES = {
 }
 
 
-def make_engine(name: str, model: nn.Module, optim: OptimConfig, **options: Any) -> Engine:
-    """Build engine ``name`` (backprop | gl | zo) for ``model``'s active adapter set."""
-    if name not in ENGINES:
-        raise CotuneError(f"unknown engine {name!r}; valid: {', '.join(ENGINES)}")
-    mod, _, cls = ENGINES[name].partition(":")
+def make_engine(engine: str, model: nn.Module, optim: OptimConfig, **options: Any) -> Engine:
+    """Build engine ``engine`` (backprop | gl | zo | a registered one) for an adapter set of ``model``.
+
+    ``options`` go to the engine; ``name=`` picks the adapter set (default: the active one).
+    """
+    if engine not in ENGINES:
+        raise CotuneError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    mod, _, cls = ENGINES[engine].partition(":")
     return getattr(importlib.import_module(mod), cls)(model, optim, **options)
 
 

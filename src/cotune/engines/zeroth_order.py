@@ -1,4 +1,4 @@
-"""zeroth order (MeZO, DESIGN §3): two inference-mode forwards per direction, no backward, no activations kept.
+"""zeroth order (MeZO): two inference-mode forwards per direction, no backward, no activations kept.
 
 Per step and direction ``k`` a seed is drawn; every trainable tensor is moved in place to ``θ + εz``,
 then ``θ − εz``, then back, where ``z`` is regenerated from the seed tensor by tensor (``zo_direction``) and
@@ -27,6 +27,7 @@ from torch import nn
 
 from cotune.adapters.attach import active_set, trainable_parameters
 from cotune.engines.base import LossFn, OptimConfig, StepResult, make_optimizer, make_scheduler, no_decay
+from cotune.engines.step import forward_step
 from cotune.engines.update import BadStepGuard, check_loss
 from cotune.errors import CotuneError
 
@@ -86,37 +87,38 @@ class ZerothOrderEngine:
         self.rng = random.Random(seed)
         self.guard = BadStepGuard(max_bad_steps, "zeroth order")
 
-    # -- perturbations -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def _perturb(self, seed: int, scale: float) -> None:
-        for i, p in enumerate(self.params.values()):
-            p.add_(zo_direction(seed, i, p), alpha=scale)
-
-    def _loss(self, loss_fn: LossFn, batch: Any) -> float:
-        with torch.inference_mode():
-            return float(check_loss(loss_fn(self.model, batch), "zeroth order"))
+    kind = "forward"
 
     def step(self, loss_fn: LossFn, batch: Any) -> StepResult:
         """``n_directions`` pairs of forwards, then one update (skipped when a loss is non-finite)."""
-        seeds = [self.rng.getrandbits(62) for _ in range(self.n_directions)]
-        grads, losses = [], []
-        for seed in seeds:
-            rng = _rng_state()
-            self._perturb(seed, self.eps)
-            try:
-                plus = self._loss(loss_fn, batch)
-                _set_rng_state(rng)  # the same dropout / adapter draws for the second forward
-                self._perturb(seed, -2 * self.eps)
-                minus = self._loss(loss_fn, batch)
-            finally:
-                self._perturb(seed, self.eps)  # back to θ (up to rounding), never a stored copy
-            grads.append((plus - minus) / (2 * self.eps))
-            losses += [plus, minus]
+
+        def forward() -> dict[str, float]:
+            with torch.inference_mode():
+                return {self.name: float(check_loss(loss_fn(self.model, batch), "zeroth order"))}
+
+        return forward_step({self.name: self}, forward)[self.name]
+
+    # -- the phases of a shared step (cotune.engines.step) -----------------------------------------
+    def draw_seeds(self) -> list[int]:
+        """This step's direction seeds (from the engine's own stream: reproducible, resumable)."""
+        return [self.rng.getrandbits(62) for _ in range(self.n_directions)]
+
+    @torch.no_grad()
+    def perturb(self, seed: int, scale: float) -> None:
+        """``θ ← θ + scale·ε·z(seed)``, tensor by tensor, ``z`` regenerated and never stored."""
+        for i, p in enumerate(self.params.values()):
+            p.add_(zo_direction(seed, i, p), alpha=scale * self.eps)
+
+    def finish(self, seeds: list[int], plus: list[float], minus: list[float]) -> StepResult:
+        """The projected gradients ``(loss₊ − loss₋) / 2ε`` and one update (none if a loss is non-finite)."""
+        grads = [(a - b) / (2 * self.eps) for a, b in zip(plus, minus, strict=True)]
+        losses = [x for pair in zip(plus, minus, strict=True) for x in pair]
         value = sum(losses) / len(losses)
         stats: dict[str, float] = {f"projected_grad_{k}": g for k, g in enumerate(grads)}
         if not all(math.isfinite(x) for x in losses):
-            self.guard.bad(f"loss {losses}")
-            return StepResult(value, updated=False, skipped=True, stats=stats)
+            reason = f"non-finite loss {losses}"
+            self.guard.bad(reason)
+            return StepResult(value, updated=False, skipped=True, stats=stats, reason=reason)
         self._update(seeds, grads)
         self.guard.good()
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -164,15 +166,3 @@ class ZerothOrderEngine:
     def close(self) -> None:
         """Nothing runs in the background."""
 
-
-def _rng_state() -> tuple[Any, torch.Tensor, list[torch.Tensor] | None]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return random.getstate(), torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[Any, torch.Tensor, list[torch.Tensor] | None]) -> None:
-    py, cpu, cuda = state
-    random.setstate(py)
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)

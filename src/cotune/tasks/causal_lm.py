@@ -31,14 +31,12 @@ import json
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cotune.errors import CotuneError
 from cotune.tasks import metrics as M
 from cotune.tasks.base import TaskBase, batches, eval_mode, logits_of, model_device, to_device
-
-IGNORE = -100
+from cotune.tasks.losses import IGNORE, next_token_loss, next_token_nll
 
 
 class CausalLMTask(TaskBase):
@@ -225,17 +223,12 @@ class CausalLMTask(TaskBase):
     def token_nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed NLL over answer tokens, number of answer tokens): next-token prediction, labels shifted."""
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = logits_of(out)[:, :-1].float()
-        target = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
-                              reduction="sum")
-        return nll, (target != IGNORE).sum()
+        return next_token_nll(logits_of(out), batch["labels"])
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Mean next-token cross-entropy over the batch's answer tokens."""
-        nll, n = self.token_nll(model, batch)
-        # encode() keeps at least one answer token per row, so n >= 1; clamp instead of a host sync per step
-        return nll / n.clamp(min=1)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return next_token_loss(logits_of(out), batch["labels"])
 
     def generate(self, model: nn.Module, rows: list[dict], batch_size: int = 8) -> list[str]:
         """Greedy completions of the rows' prompts (the new text only, special tokens dropped)."""

@@ -18,6 +18,7 @@ from torch import nn
 from cotune.errors import CotuneError
 from cotune.tasks import metrics as M
 from cotune.tasks.base import TaskBase, batches, eval_mode, logits_of, model_device, to_device
+from cotune.tasks.losses import classification_loss
 
 PRIMARY = {"cola": "mcc", "mrpc": "f1", "qqp": "f1", "stsb": "pearson"}
 MMLU_SUBJECT_KEYS = ("topic", "subject")
@@ -117,10 +118,7 @@ class SeqClsTask(TaskBase):
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Mean cross-entropy (classification) or mean squared error (regression) over the batch."""
-        logits = self.logits(model, batch).float()
-        if self.regression:
-            return F.mse_loss(logits.squeeze(-1), batch["labels"].float())
-        return F.cross_entropy(logits, batch["labels"])
+        return classification_loss(self.logits(model, batch), batch["labels"])
 
     def evaluate(self, model: nn.Module, rows: list[dict], batch_size: int = 32, limit: int | None = None):
         """Metrics on ``rows`` (the first ``limit``): the data set's GLUE metric(s), accuracy, and the mean loss."""

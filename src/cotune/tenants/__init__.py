@@ -1,9 +1,9 @@
-"""Many tenants on one base model (DESIGN §4): the tenant bank, per-row routing, mixed-batch training."""
+"""Many tenants on one base model: the tenant bank, per-row routing, mixed-batch training."""
 
 from cotune.tenants.bank import Tenant, TenantBank
-from cotune.tenants.engine import MultiTenantTrainer, TenantStep, causal_lm_loss, classification_loss
 from cotune.tenants.routing import RowGroups, TenantRouter, gathered_lowrank
 from cotune.tenants.scheduler import MixedBatch, MixedBatchScheduler
+from cotune.tenants.trainer import MultiTenantTrainer, TenantLoss
 
 __all__ = [
     "MixedBatch",
@@ -12,9 +12,7 @@ __all__ = [
     "RowGroups",
     "Tenant",
     "TenantBank",
+    "TenantLoss",
     "TenantRouter",
-    "TenantStep",
-    "causal_lm_loss",
-    "classification_loss",
     "gathered_lowrank",
 ]

@@ -1,4 +1,4 @@
-"""``TenantBank``: many users' adapter sets (tenants) on one frozen base model (DESIGN §4).
+"""``TenantBank``: many users' adapter sets (tenants) on one frozen base model.
 
 Design:
 
@@ -37,8 +37,9 @@ from cotune.adapters.attach import (
     match_targets,
     sites,
 )
-from cotune.adapters.base import Adapter, AdapterConfig, get_family, make_config
-from cotune.adapters.io import _present_heads, load_weights, read_adapter_config, save_adapter
+from cotune.adapters.base import Adapter, AdapterConfig
+from cotune.adapters.io import load_weights, present_heads, read_adapter_config, save_adapter
+from cotune.adapters.registry import get_family, make_config
 from cotune.adapters.site import io_widths
 from cotune.errors import CotuneError
 from cotune.tenants.routing import RowGroups, TenantRouter, take
@@ -111,7 +112,7 @@ class TenantBank:
         source = None
         if isinstance(adapters, str | os.PathLike) and _is_folder(adapters):
             source = str(adapters)
-            configs = _present_heads(self.model, read_adapter_config(adapters))
+            configs = present_heads(self.model, read_adapter_config(adapters))
             state = load_weights(adapters)
         else:
             items = [adapters] if isinstance(adapters, str | AdapterConfig) else list(adapters)  # type: ignore[arg-type]
@@ -127,6 +128,13 @@ class TenantBank:
         flags = [(p, p.requires_grad) for t in self._tenants for p in self.parameters(t).values()]
         attach(self.model, configs, name=tid, activate=False)  # validates everything before changing
         try:
+            rewrites = sorted(p for p, s in sites(self.model).items() if tid in s.adapters and s.adapters[tid].changes_base())  # type: ignore[operator]
+            if rewrites:  # detach() below restores the shared weights bit for bit
+                raise CotuneError(
+                    f"tenant {tid!r}: its adapters rewrite the shared base weights at {rewrites} (e.g. CoLA's "
+                    "PiSSA residual), which would change every other tenant's model; use an init that leaves the "
+                    "base alone (cola: init='lora')"
+                )
             num_labels = None
             if head_path is not None:
                 num_labels = self._install_head(tid, head_path, head)
@@ -281,8 +289,8 @@ class TenantBank:
         old = site.adapters[tid]  # type: ignore[index]
         new = type(old)(old.config, d_in, d_out, template)
         ref = next(iter(base.parameters()), None)
-        if ref is not None:
-            new.to(ref.device)
+        if ref is not None:  # the dtype rule of ``attach``: the base's when it is float64, else fp32
+            new.to(ref.device, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32)
         for p in new.parameters():
             p.requires_grad_(True)
         site.adapters[tid] = new  # type: ignore[index]

@@ -1,18 +1,20 @@
-"""Per-row adapter application for mixed batches (DESIGN §4).
+"""Per-row adapter choice for mixed batches: the router picks each row's adapters, the site composes them.
 
 A mixed batch carries one tenant id per row. ``TenantRouter`` is installed as the ``router`` of every
 ``AdaptedModule`` while a mixed batch runs; at each site it
 
 1. groups the rows by tenant (``RowGroups``, computed once per batch),
-2. applies each tenant's adapter to that tenant's rows only, whatever its family and site kind (one
-   module may hold a sequential kron adapter for one tenant and a parallel low-rank one for another),
+2. hands each tenant's rows to the site's own composition (``AdaptedModule.adapt_input`` /
+   ``adapt_output``: the one place where pre / parallel / sequential / replace are defined), whatever the
+   family (one module may hold a sequential kron adapter for one tenant and a parallel low-rank one for
+   another),
 3. runs the frozen base module ONCE for the whole batch (rows of a pre-site tenant see their modified
    input; rows whose tenant has no adapter at this site get the plain base output),
-4. batches all same-shape, deterministic low-rank tenants of a site into one gathered matmul
-   (``torch.bmm`` over the tenants' stacked ``A``/``B`` indexed by each row's tenant).
+4. batches the tenants whose adapters declare a low-rank form (``Adapter.lowrank_factors()``) and share
+   its shapes into one gathered matmul (``torch.bmm`` over the stacked ``A``/``B`` indexed by row).
 
-Every tenant's contribution still goes through the site's ``tap`` hook with that tenant's adapter and
-only that tenant's rows, so gradient learning captures ``(u, δ)`` already split by tenant.
+Every tenant's contribution still goes through the site's tap of that tenant's set with only that
+tenant's rows, so gradient learning captures ``(u, δ)`` already split by tenant.
 
 The base module must act row-wise on dim 0 (Linear, Conv1D, norms, Embedding do), which is also what
 makes a tenant's result in a mixed batch equal to its result alone.
@@ -20,7 +22,6 @@ makes a tenant's result in a mixed batch equal to its result alone.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,31 +124,29 @@ def assemble(
 
 
 def lowrank_key(ad: Adapter) -> tuple[Any, ...] | None:
-    """The shape key under which a low-rank adapter can share a gathered matmul, or ``None`` if it cannot.
-
-    Identified by structure (``lora_A``/``lora_B`` ``nn.Linear`` without bias, parallel site, no random
-    draws), not by family name, so any family of that shape is batched.
-    """
-    a, b = getattr(ad, "lora_A", None), getattr(ad, "lora_B", None)
-    if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)) or a.bias is not None or b.bias is not None:
+    """The key under which an adapter shares a gathered matmul (``None``: it declares no low-rank form)."""
+    factors = ad.lowrank_factors()
+    if factors is None:
         return None
-    if ad.site != "parallel" or ad.stochastic or len(list(ad.children())) != 2:
-        return None
-    return (a.weight.shape, b.weight.shape, a.weight.device)
+    a, b = factors
+    return (tuple(a.shape), tuple(b.shape), a.device, ad.compute_dtype)
 
 
 def gathered_lowrank(x: torch.Tensor, row_tenant: torch.Tensor, ads: Sequence[Adapter]) -> torch.Tensor:
     """``s_k B_k A_k x_i`` for every row ``i`` with ``k = row_tenant[i]``, as ONE pair of ``bmm`` calls.
 
-    ``x``: ``(n, ..., d_in)``; returns fp32 ``(n, ..., d_out)``. The tenants' weights are stacked on every
-    call (a few KB per tenant): that keeps autograd flowing to each tenant's own parameters (backprop)
-    and always reads the current weights (gradient learning updates them in place off the server).
+    ``x``: ``(n, ..., d_in)``; returns ``(n, ..., d_out)`` in the adapters' compute dtype. The tenants'
+    factors are stacked on every call (a few KB per tenant): that keeps autograd flowing to each tenant's
+    own parameters (backprop) and always reads the current weights (gradient learning updates them in
+    place off the server).
     """
-    a = torch.stack([ad.lora_A.weight.float() for ad in ads])  # (K, r, d_in)
-    scale = torch.tensor([float(ad.scaling) for ad in ads], dtype=torch.float32, device=a.device)
-    b = torch.stack([ad.lora_B.weight.float() for ad in ads]) * scale.view(-1, 1, 1)  # (K, d_out, r)
+    dtype = ads[0].compute_dtype
+    factors = [ad.lowrank_factors() for ad in ads]
+    a = torch.stack([f[0].to(dtype) for f in factors])  # type: ignore[index]  # (K, r, d_in)
+    scale = torch.tensor([float(ad.scaling) for ad in ads], dtype=dtype, device=a.device)
+    b = torch.stack([f[1].to(dtype) for f in factors]) * scale.view(-1, 1, 1)  # type: ignore[index]  # (K, d_out, r)
     n = x.shape[0]
-    u = x.float().reshape(n, -1, x.shape[-1])  # (n, T, d_in)
+    u = x.to(dtype).reshape(n, -1, x.shape[-1])  # (n, T, d_in)
     row_tenant = row_tenant.to(a.device)
     z = torch.bmm(u, a.index_select(0, row_tenant).transpose(1, 2))  # (n, T, r)
     out = torch.bmm(z, b.index_select(0, row_tenant).transpose(1, 2))  # (n, T, d_out)
@@ -158,16 +157,16 @@ class TenantRouter:
     """The ``AdaptedModule.router`` of a tenant bank: applies each row's own tenant adapter.
 
     ``gather``: batch same-shape low-rank tenants in one gathered matmul (``False``: one matmul per
-    tenant, the reference the gathered path is tested against). ``merged``: optional ``{site path:
-    fp32 ΔW}`` added to the base weight for ALL rows instead of routing the mergeable adapters
-    (ColA's collaborative merged mode; see ``cotune.tenants.engine``).
+    tenant, the reference the gathered path is tested against). ``merged``: optional ``{site path: ΔW}``
+    added to the base weight for ALL rows instead of routing the mergeable adapters (ColA's collaborative
+    merged mode); ``merged_tenants[site path]`` are the tenants that ``ΔW`` covers there: their rows are
+    tapped with ``(x, merged output)`` so that each still learns its own adapter.
     """
 
     def __init__(self, groups: RowGroups, gather: bool = True, merged: dict[str, torch.Tensor] | None = None):
         self.groups = groups
         self.gather = gather
         self.merged = merged or {}
-        #: tenants whose adapters ``merged`` already covers at a site: ``{site path: set(tenants)}``.
         self.merged_tenants: dict[str, set[str]] = {}
 
     # -- one site ----------------------------------------------------------------------------------
@@ -178,69 +177,43 @@ class TenantRouter:
                 f"{site.path}: input has {x.shape[0]} rows on dim 0 but the mixed batch has {g.n_rows}; "
                 "per-row routing needs batch-first activations (this module reshapes its batch)"
             )
-        skip = self.merged_tenants.get(site.path, set())
-        plan = [(t, rows, site.adapters[t]) for t, rows in g.groups if t in site.adapters and t not in skip]
+        covered = self.merged_tenants.get(site.path, set())
+        plan = [(t, rows, site.adapters[t]) for t, rows in g.groups if t in site.adapters and t not in covered]
         if not plan and site.path not in self.merged:
             return site.base(x, *args, **kwargs)
-
-        seeds = {t: (random.getrandbits(62) if ad.training and ad.stochastic else None) for t, _, ad in plan}
-        pieces: dict[str, torch.Tensor] = {}
+        seeds = {t: site.draw_seed(ad) for t, _, ad in plan}  # type: ignore[arg-type]
 
         # 1. pre sites: the module sees x + s·g(x) on those rows.
-        pre = [(t, r, ad) for t, r, ad in plan if ad.site == "pre"]
-        x_in = x
-        if pre:
-            pre_pieces = {}
-            for t, rows, ad in pre:
-                u = take(x, rows)
-                h = u + site.delta(ad, u, seeds[t]).to(u.dtype)
-                pre_pieces[t] = self._tap(site, ad, u, h, seeds[t])
-            x_in = assemble(g, x, pre_pieces, x)
+        pre = {t: site.adapt_input(t, ad, take(x, r), seeds[t]) for t, r, ad in plan if ad.site == "pre"}
+        x_in = assemble(g, x, pre, x) if pre else x
 
         # 2. one base call for the whole batch (skipped when every row's module is replaced).
-        replaced = {t for t, _, ad in plan if ad.site == "replace"}
-        y = None
-        if len(replaced) < len(g.groups):
-            y = self._base(site, x_in, *args, **kwargs)
+        replaced = sum(ad.site == "replace" for _, _, ad in plan)
+        y = self._base(site, x_in, *args, **kwargs) if replaced < len(g.groups) else None
 
-        # 3. parallel sites: gathered low-rank buckets, then one call per other tenant.
-        par = [(t, r, ad) for t, r, ad in plan if ad.site == "parallel"]
-        buckets: dict[Any, list[tuple[str, Rows, Adapter]]] = {}
-        singles = []
-        for item in par:
-            key = lowrank_key(item[2]) if self.gather else None
-            (buckets.setdefault(key, []) if key is not None else singles).append(item)
-        for members in buckets.values():
-            if len(members) == 1:
-                singles += members
-                continue
-            assert y is not None
-            fast = site.tap is None and len(members) == len(g.groups) and g.contiguous and len(plan) == len(members)
-            if fast:
-                # Every row is in this bucket and nothing needs per-tenant h: one add, no slicing.
-                row_tenant = _row_index(g, [t for t, _, _ in members])
-                return y + gathered_lowrank(x, row_tenant, [ad for _, _, ad in members]).to(y.dtype)
-            sub_rows, row_tenant, spans = _bucket_rows(g, members)
-            u_all = x if sub_rows is None else take(x, sub_rows)
-            d_all = gathered_lowrank(u_all, row_tenant, [ad for _, _, ad in members])
-            for (t, rows, ad), span in zip(members, spans, strict=True):
-                u = take(x, rows)
-                pieces[t] = self._tap(site, ad, u, take(y, rows) + take(d_all, span).to(y.dtype), None)
-        for t, rows, ad in singles:
-            assert y is not None
-            u = take(x, rows)
-            pieces[t] = self._tap(site, ad, u, take(y, rows) + site.delta(ad, u, seeds[t]).to(y.dtype), seeds[t])
+        # 3. the gathered low-rank matmul, as one add when it covers every row and nobody taps.
+        out = [(t, r, ad) for t, r, ad in plan if ad.site != "pre"]
+        deltas: dict[str, torch.Tensor] = {}
+        if self.gather:
+            for members in _buckets(out):
+                ads = [ad for _, _, ad in members]
+                if y is not None and len(members) == len(plan) == len(g.groups) and g.contiguous and not (
+                    set(site.taps) & {t for t, _, _ in members}
+                ):
+                    return y + gathered_lowrank(x, _row_index(g, [t for t, _, _ in members]), ads).to(y.dtype)
+                sub_rows, row_tenant, spans = _bucket_rows(g, members)
+                d_all = gathered_lowrank(x if sub_rows is None else take(x, sub_rows), row_tenant, ads)
+                deltas.update({t: take(d_all, span) for (t, _, _), span in zip(members, spans, strict=True)})
 
-        # 4. sequential sites (u is the base output) and replaced modules (u is the input).
-        for t, rows, ad in plan:
-            if ad.site == "sequential":
+        # 4. each tenant's output composed by the site; covered tenants tapped on the merged output.
+        pieces = {
+            t: site.adapt_output(t, ad, take(x, r), None if y is None else take(y, r), seeds[t], deltas.get(t))  # type: ignore[arg-type]
+            for t, r, ad in out
+        }
+        for t, rows in g.groups:
+            if t in covered:
                 assert y is not None
-                u = take(y, rows)
-                pieces[t] = self._tap(site, ad, u, u + site.delta(ad, u, seeds[t]).to(u.dtype), seeds[t])
-            elif ad.site == "replace":
-                u = take(x, rows)
-                pieces[t] = self._tap(site, ad, u, site.delta(ad, u, seeds[t]).to(u.dtype), seeds[t])
-
+                pieces[t] = site.tapped(t, site.adapters[t], take(x, rows), take(y, rows), None)  # type: ignore[arg-type]
         if not pieces:  # only pre-site tenants (or only the merged ΔW) here
             return y  # type: ignore[return-value]
         return assemble(g, y, pieces, x)
@@ -252,12 +225,18 @@ class TenantRouter:
         base = site.base
         if not isinstance(base, nn.Linear):
             raise CotuneError(f"{site.path}: collaborative merged mode needs an nn.Linear base module")
-        w = (base.weight.float() + dw).to(base.weight.dtype)
+        w = (base.weight.to(dw.dtype) + dw).to(base.weight.dtype)
         return F.linear(x, w, base.bias)
 
-    @staticmethod
-    def _tap(site: AdaptedModule, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None) -> torch.Tensor:
-        return h if site.tap is None else site.tap(site, ad, u, h, seed)
+
+def _buckets(plan: list[tuple[str, Rows, Adapter]]) -> list[list[tuple[str, Rows, Adapter]]]:
+    """The tenants that can share a gathered matmul, by shape (buckets of two or more)."""
+    buckets: dict[Any, list[tuple[str, Rows, Adapter]]] = {}
+    for item in plan:
+        key = lowrank_key(item[2])
+        if key is not None:
+            buckets.setdefault(key, []).append(item)
+    return [m for m in buckets.values() if len(m) > 1]
 
 
 def _row_index(g: RowGroups, tenants: list[str]) -> torch.Tensor:

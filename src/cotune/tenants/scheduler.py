@@ -1,4 +1,4 @@
-"""Fair-share mixed batches from many tenants' data streams (DESIGN §4).
+"""Fair-share mixed batches from many tenants' data streams.
 
 Every step, each active tenant contributes its own fixed number of rows (``rows_per_step``, e.g. 4), taken
 in order from its stream; the rows are concatenated tenant after tenant (so each tenant's rows are one
@@ -66,13 +66,17 @@ class MixedBatch:
             size += n
         if len(chunks) == 1:
             return [self]
-        out = []
-        for part in chunks:
-            idx = torch.cat([_index(r) for _, r in part])
-            ids = [t for t, r in part for _ in range(_count(r))]
-            inputs = {k: v.index_select(0, idx) for k, v in self.inputs.items()}
-            out.append(MixedBatch(self.step, RowGroups.from_ids(ids), inputs, {t: self.targets[t] for t, _ in part}))
-        return out
+        return [self.subset([t for t, _ in part]) for part in chunks]
+
+    def subset(self, tenants: list[str]) -> MixedBatch:
+        """The batch of ``tenants``' rows only, tenant after tenant (``self`` when that is every row)."""
+        if tenants == self.tenants:
+            return self
+        parts = [(t, self.groups.rows_of(t)) for t in tenants]
+        idx = torch.cat([_index(r) for _, r in parts])
+        ids = [t for t, r in parts for _ in range(_count(r))]
+        inputs = {k: v.index_select(0, idx) for k, v in self.inputs.items()}
+        return MixedBatch(self.step, RowGroups.from_ids(ids), inputs, {t: self.targets[t] for t in tenants})
 
     def tenant_inputs(self, tenant: str) -> Batch:
         """The tenant's rows of the model inputs (what it would feed if trained alone)."""

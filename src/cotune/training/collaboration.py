@@ -15,7 +15,8 @@ naming that user's adapter family. What happens:
 * at the end each user's adapter is scored on the validation split and saved (PEFT format) under
   ``output_dir/users/<user>/adapter``; ``results.json`` and the printed summary give each user's metrics.
 
-Not supported here (an error says so): ``interval > 1`` (the bank updates every step) and ``--resume``.
+Every engine of the registry trains users this way, with the run's engine options (``interval``, ...).
+Not supported here (an error says so): ``--resume``.
 """
 
 from __future__ import annotations
@@ -40,13 +41,6 @@ def user_ids(cfg: TrainConfig) -> list[str]:
 def _check(cfg: TrainConfig) -> None:
     if not cfg.users or len(cfg.users) < 1:
         raise CotuneError("a collaboration needs users: one adapter family per user, e.g. users=[lowrank,linear]")
-    if cfg.engine.name not in ("backprop", "gl"):
-        raise CotuneError(f"a collaboration trains with engine backprop or gl (not {cfg.engine.name!r})")
-    bad = sorted(set(cfg.engine.options) - {"merged", "interval", "placement"})
-    if bad:
-        raise CotuneError(f"engine option(s) {bad} are not available for a collaboration; valid: merged, placement")
-    if int(cfg.engine.options.get("interval", 1)) != 1:
-        raise CotuneError("a collaboration updates every user at every step: use update interval 1")
     if cfg.resume:
         raise CotuneError("a collaboration run cannot be resumed; start it again with --overwrite")
 
@@ -96,6 +90,8 @@ def train_collaboration(cfg: TrainConfig, verbose: bool = True) -> dict[str, Any
     merged = bool(cfg.engine.options.get("merged", False))
     trainer = MultiTenantTrainer(bank, engine=cfg.engine.name, merged=merged,
                                  placement=str(cfg.engine.options.get("placement", "inline")))
+    # every other engine option (interval, wire_dtype, eps, ...) goes to each user's engine as it is
+    user_options = {k: v for k, v in cfg.engine.options.items() if k not in ("merged", "placement")}
     train_rows, held = split_rows(task.load("train").rows, cfg)
     ids = user_ids(cfg)
     shards = [train_rows[k :: len(ids)] for k in range(len(ids))]
@@ -110,7 +106,7 @@ def train_collaboration(cfg: TrainConfig, verbose: bool = True) -> dict[str, Any
         options = dict(cfg.method.options) if family == cfg.method.name else {}
         user_cfg = replace(cfg, method=replace(cfg.method, name=family, options=options, train_head=False))
         bank.add_tenant(tid, adapter_configs(model, user_cfg), head=head)
-        trainer.add(tid, optim)  # each user gets its own optimizer and schedule from the run's settings
+        trainer.add(tid, optim, **user_options)  # each user: its own engine, optimizer and schedule
         sched.join(tid, _stream(task, shards[k], cfg.batch_size, cfg.seed + k), rows_per_step=cfg.batch_size,
                    max_steps=steps)
     log.log({"type": "start", "step": 0, "users": dict(zip(ids, cfg.users or [])),

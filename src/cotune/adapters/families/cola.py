@@ -236,6 +236,9 @@ class Cola(Adapter):
         self._principal = None
         base._cotune_pissa = True  # type: ignore[assignment]
 
+    def changes_base(self) -> bool:
+        return self._pristine is not None
+
     def restore_base(self, base: nn.Module) -> None:
         """Put the pristine weight back bit for bit (undo ``prepare_base``)."""
         if self._pristine is None:

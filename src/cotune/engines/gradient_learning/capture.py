@@ -1,10 +1,12 @@
-"""Server-side capture of ``(u, δ)`` at every adapter site, paired by call (DESIGN §3, gradient learning).
+"""Server-side capture of ``(u, δ)`` at every adapter site, paired by call (gradient learning).
 
-Unmerged, the capture is the site's ``tap``: it stores ``u`` (detached) and the call's seed and registers
-a gradient hook on ``h``, the tensor the adapter's contribution is added to, so ``δ = ∂L/∂h`` is known the
-moment autograd computes it (and a fitter can start on it while the backward pass goes on). Merged, no
-adapter runs; a forward hook on the site records the module input as ``u`` and the module output as
-``h`` (the same tensor, since the adapter's contribution is folded into the weight).
+The capture is its adapter set's tap at every site (``AdaptedModule.taps[name]``): it stores ``u``
+(detached) and the call's seed and registers a gradient hook on ``h``, the tensor the adapter's
+contribution is added to, so ``δ = ∂L/∂h`` is known the moment autograd computes it (and a fitter can
+start on it while the backward pass goes on). Merged, no adapter runs: the site taps the module input as
+``u`` and its output as ``h`` (the same tensor, since the adapter's contribution is folded into the weight),
+and so does the tenant router for a tenant covered by a collaborative merge. In a mixed batch the router
+taps each tenant's own rows, so every record already belongs to one adapter set.
 
 Every call of a site produces its own record with its own ``h`` and hook, so a module called twice in
 one forward (weight tying) yields two correctly paired records, numbered by ``call``. Calls made while
@@ -20,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from cotune.adapters.attach import active_set, sites
 from cotune.adapters.base import Adapter
@@ -76,14 +77,12 @@ class Capture:
         model: nn.Module,
         name: str | None = None,
         on_delta: Callable[[SiteRecord], None] | None = None,
-        merged: bool = False,
     ) -> None:
         self.model = model
         self.name = name or active_set(model)
         if self.name is None:
             raise CotuneError("gradient learning: no adapter set is active; attach one or pass its name")
         self.on_delta = on_delta
-        self.merged = merged
         self.sites: dict[str, AdaptedModule] = {p: s for p, s in sites(model).items() if self.name in s.adapters}
         if not self.sites:
             raise CotuneError(f"adapter set {self.name!r} has no site in this model")
@@ -91,30 +90,26 @@ class Capture:
         self._calls: dict[str, int] = {}
         self._phase = "idle"  # idle | forward | backward
         self._lock = threading.Lock()
-        self._handles: list[RemovableHandle] = []
         self._installed = False
 
     # -- installation ----------------------------------------------------------------------------
     def install(self) -> None:
-        """Set the tap (unmerged) or a forward hook (merged) on every site of the set."""
+        """Set this set's tap on every site of the set."""
         if self._installed:
             return
         for path, site in self.sites.items():
-            if self.merged:
-                self._handles.append(site.register_forward_hook(self._merged_hook))
-            else:
-                if site.tap is not None and site.tap != self._tap:
-                    raise CotuneError(f"site {path!r} is already captured by another engine; close that engine first")
-                site.tap = self._tap
+            tap = site.taps.get(self.name)
+            if tap is not None and tap != self._tap:
+                raise CotuneError(
+                    f"site {path!r}: adapter set {self.name!r} is already captured by another engine; close it first"
+                )
+            site.taps[self.name] = self._tap
         self._installed = True
 
     def remove(self) -> None:
         for site in self.sites.values():
-            if site.tap == self._tap:
-                site.tap = None
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+            if site.taps.get(self.name) == self._tap:
+                del site.taps[self.name]
         self._installed = False
 
     # -- phases ----------------------------------------------------------------------------------
@@ -137,19 +132,11 @@ class Capture:
     def _tap(
         self, site: AdaptedModule, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None
     ) -> torch.Tensor:
-        if site.adapters[self.name] is not ad:  # another adapter set is active at this site
-            return h
+        if site.merged == self.name and self._phase != "idle":
+            # The server never runs the adapter: the fitter evaluates its deterministic (eval-mode) map.
+            refuse_stochastic_merge(site.path, ad)
+            return self._record(site, ad, u, h, None, False)
         return self._record(site, ad, u, h, seed, ad.training)
-
-    def _merged_hook(self, site: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        assert isinstance(site, AdaptedModule)
-        if site.merged != self.name or not args:
-            return None
-        ad = site.adapters[self.name]
-        if self._phase != "idle":
-            refuse_stochastic_merge(site.path, ad)  # type: ignore[arg-type]
-        # The server never runs the adapter: the fitter evaluates its deterministic (eval-mode) map.
-        return self._record(site, ad, args[0], output, None, False)  # type: ignore[arg-type]
 
     def _record(
         self, site: AdaptedModule, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None, training: bool

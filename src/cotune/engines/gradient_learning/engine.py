@@ -1,8 +1,7 @@
-"""``GradientLearningEngine``: the server side of ColA gradient learning, driving one fitter (DESIGN §3)."""
+"""``GradientLearningEngine``: the server side of ColA gradient learning, driving one fitter."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from cotune.engines.base import LossFn, OptimConfig, StepResult
 from cotune.engines.gradient_learning.capture import Capture, SiteRecord, refuse_stochastic_merge
 from cotune.engines.gradient_learning.placement import make_fitter
 from cotune.engines.gradient_learning.wire import Wire, affine_in_u
+from cotune.engines.step import gradient_step
 from cotune.engines.update import BadStepGuard, check_loss
 from cotune.errors import CotuneError
 
@@ -89,7 +89,7 @@ class GradientLearningEngine:
                 self._undo_merge()
                 self._restore_grad()
                 raise CotuneError(f"gradient learning with merged=True: {e}") from e
-        self.capture = Capture(model, self.name, on_delta=self._ship, merged=merged)
+        self.capture = Capture(model, self.name, on_delta=self._ship)
         try:
             self.fitter = make_fitter(
                 placement, self.adapters, optim, device, timeout_s, self.name, threads, ray_options
@@ -104,59 +104,69 @@ class GradientLearningEngine:
     def _ship(self, rec: SiteRecord) -> None:
         self.fitter.submit(self.wire.pack(rec, self.adapters[rec.path]))
 
+    kind = "gradient"
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.interval
+
     def step(self, loss_fn: LossFn, batch: Any) -> StepResult:
         """One micro-batch of forward + backward (pairs go to the fitter); every ``interval``-th call updates."""
+        forward = lambda: {self.name: check_loss(loss_fn(self.model, batch), "gradient learning")}  # noqa: E731
+        return gradient_step({self.name: self}, forward)[self.name]
+
+    # -- the phases of a shared step (cotune.engines.step) -----------------------------------------
+    def begin(self) -> None:
+        """Start capturing this set's ``(u, h)`` for the coming forward."""
         if self._closed:
             raise CotuneError("gradient learning: this engine was closed; build a new one")
         self.capture.begin()
-        skipped = False
+
+    def backward_begins(self) -> None:
+        """From here on a site running again is checkpoint recomputation, which cannot be paired."""
+        self.capture.backward_phase()
+
+    def abort(self) -> None:
+        """The forward or backward failed: drop this window's pairs at the fitter."""
+        self.capture.end()
+        self.micro = self.good_micro = 0
+        self.wire.reset()
         try:
-            loss = check_loss(loss_fn(self.model, batch), "gradient learning")
-            value = float(loss.detach())
-            self.micro += 1
-            if math.isfinite(value):
-                if not loss.requires_grad:
-                    raise CotuneError(
-                        f"gradient learning: the loss does not depend on any site of adapter set {self.name!r}; "
-                        "check that loss_fn runs the model's forward with that set active"
-                    )
-                self.capture.backward_phase()
-                (loss / self.interval).backward()
-                self.good_micro += 1
-            else:
-                skipped = True
-        except BaseException:
-            self.micro = self.good_micro = 0
-            try:
-                self.fitter.discard()
-            except CotuneError:
-                pass  # the fitter is gone; the original error says more
-            raise
-        finally:
-            records = self.capture.end()
+            self.fitter.discard()
+        except CotuneError:
+            pass  # the fitter is gone; the original error says more
+
+    def finish(self, value: float, reason: str | None = None) -> StepResult:
+        """After the backward (every pair is at the fitter): every ``interval``-th micro-batch, its update."""
+        records = self.capture.end()
+        skipped = reason is not None
+        self.micro += 1
         stats = self.wire.counters()
-        stats["sites_without_delta"] = float(sum(r.delta is None for r in records)) if not skipped else 0.0
+        stats["sites_without_delta"] = 0.0 if skipped else float(sum(r.delta is None for r in records))
         self.traffic_total += int(stats["wire_bytes"])
         self.wire.reset()
         if skipped:
-            self.guard.bad(f"loss {value}")
+            self.guard.bad(reason)
+        else:
+            self.good_micro += 1
         if self.micro < self.interval:
-            return StepResult(value, updated=False, skipped=skipped, stats=stats)
+            return StepResult(value, updated=False, skipped=skipped, stats=stats, reason=reason)
         self.micro, good, self.good_micro = 0, self.good_micro, 0
         if not good:  # every micro-batch of the window was skipped: nothing to apply
             self.fitter.discard()
-            return StepResult(value, updated=False, skipped=True, stats=stats)
+            return StepResult(value, updated=False, skipped=True, stats=stats, reason=reason)
         res = self.fitter.step()
         updated = bool(res["updated"])
         if not updated:
-            self.guard.bad(f"non-finite gradient (norm {res['grad_norm']})")
+            reason = f"non-finite gradient (norm {res['grad_norm']})"
+            self.guard.bad(reason)
         elif not skipped:
             self.guard.good()
         if updated and self.merged:
             for site in self.capture.sites.values():
                 site.refresh_merge()
         stats.update({k: float(res[k]) for k in ("grad_norm", "fit_s", "lr")})
-        return StepResult(value, updated=updated, skipped=skipped or not updated, stats=stats)
+        return StepResult(value, updated=updated, skipped=skipped or not updated, stats=stats, reason=reason)
 
     # -- checkpoints and shutdown -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
