@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cotune.engines.base import ENGINES
 
 
 class Strict(BaseModel):
@@ -55,7 +57,7 @@ class JobSpec(Strict):
     eval: DataRef | None = None
     method: str = Field(default="lowrank", description="adapter family or preset (lowrank, kron, loretta_adp, ...)")
     adapter: dict[str, Any] = Field(default_factory=dict, description="the method's options, e.g. r=8")
-    engine: Literal["backprop", "gl", "zo"] = "backprop"
+    engine: str = Field(default="backprop", description="a registered engine: backprop, gl, zo, ...")
     engine_options: dict[str, Any] = Field(default_factory=dict)
     optim: OptimSpec = Field(default_factory=OptimSpec)
     steps: int = Field(default=100, ge=1)
@@ -63,6 +65,14 @@ class JobSpec(Strict):
     max_length: int = Field(default=128, ge=8)
     seed: int = Field(default=0, ge=0, lt=2**31)
     checkpoint_every: int | None = Field(default=None, ge=1)
+
+
+    @field_validator("engine")
+    @classmethod
+    def _registered_engine(cls, v: str) -> str:
+        if v not in ENGINES:  # the engine registry is the one list of engines
+            raise ValueError(f"unknown engine {v!r}; valid: {', '.join(ENGINES)}")
+        return v
 
 
 class PredictRequest(Strict):

@@ -106,6 +106,11 @@ class JobRecord:
     finished: float | None
     result: dict[str, Any] | None
 
+    @property
+    def key(self) -> str:
+        """The job's tenant id in the bank (module-dict keys may not contain dots; job ids are hex)."""
+        return f"job_{self.id}"
+
     def public(self) -> dict[str, Any]:
         return {
             "id": self.id, "status": self.status, "step": self.step, "total_steps": self.total_steps,

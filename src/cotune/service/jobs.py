@@ -1,0 +1,283 @@
+"""The service's jobs on the shared trainer: start (or resume), one round for all, checkpoints, finish, failure.
+
+Each job is a tenant of the ``TenantBank`` trained by its own engine through ONE ``MultiTenantTrainer``; a
+round is one mixed step of every active job (fair share: one step each). A job's randomness is a function of
+(seed, step): the rows of step ``k`` and the dropout draws of step ``k`` are the same whether or not the
+server was killed in between, so a resumed job continues exactly where the uninterrupted one would have been.
+
+Failures stay inside their job: bad data, a bad method option or a NaN storm marks that job ``failed`` with
+the reason, and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cotune.errors import CotuneError
+from cotune.service import checkpoints
+from cotune.service.config import ServiceConfig
+from cotune.service.predictions import LoadedAdapters
+from cotune.service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, Store
+from cotune.service.workload import Workload, build_workload
+
+log = logging.getLogger("cotune.service")
+
+
+#: what a job may set of its engine (where the work runs, e.g. a gl fitter's placement, is the server's)
+SERVICE_ENGINE_OPTIONS = {
+    "backprop": ("grad_accum",),
+    "gl": ("interval", "wire_dtype", "sufficient_statistic"),
+    "zo": ("eps", "n_directions", "zo_optimizer", "seed"),
+}
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The torch seed of a job's step: depends only on the job's seed and the step index."""
+    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
+
+
+def _optim_config(spec: dict[str, Any]) -> Any:
+    from cotune.engines.base import OptimConfig
+
+    o = spec.get("optim") or {}
+    return OptimConfig(
+        optimizer=o.get("optimizer", "adamw"), lr=float(o.get("lr", 1e-3)),
+        weight_decay=float(o.get("weight_decay", 0.0)), momentum=float(o.get("momentum", 0.0)),
+        scheduler=o.get("scheduler", "constant"), warmup_steps=int(o.get("warmup_steps", 0)),
+        total_steps=int(spec["steps"]), max_grad_norm=o.get("max_grad_norm"),
+    )
+
+
+@dataclass
+class ActiveJob:
+    """A job being trained: its record, tenant key, workload and where it is."""
+
+    rec: JobRecord
+    key: str
+    workload: Workload
+    step: int
+    checkpoint_every: int
+    last_loss: float | None = None
+    skipped: int = 0
+
+
+class Jobs:
+    """The active jobs on one bank and trainer (driven by the runner's worker thread only)."""
+
+    def __init__(self, config: ServiceConfig, store: Store, bank: Any, trainer: Any, mixer: Any, tokenizer: Any,
+                 model_task: str, loaded: LoadedAdapters) -> None:
+        self.config, self.store, self.bank, self.trainer, self.mixer = config, store, bank, trainer, mixer
+        self.tokenizer, self.model_task, self.loaded = tokenizer, model_task, loaded
+        self.active: dict[str, ActiveJob] = {}
+        self.rounds = 0
+
+    def sync(self) -> None:
+        """Drop cancelled jobs; start (or resume) queued ones."""
+        for job in list(self.active.values()):
+            rec = self.store.get_job(job.rec.id)
+            if rec is None or rec.status == CANCELLED:
+                self._drop(job)
+                checkpoints.discard(self.store.job_dir(job.rec.id))
+        for rec in self.store.list_jobs(statuses=(QUEUED, RUNNING)):
+            if rec.key not in self.active:
+                self._start_job(rec)
+
+    def checkpoint_all(self) -> None:
+        """Graceful stop: every job checkpointed where it is."""
+        for job in list(self.active.values()):
+            self._guard(job, self._checkpoint, job)
+
+    def _start_job(self, rec: JobRecord) -> None:
+        """Add the job to the bank and its trainer, from its last checkpoint when it has one."""
+        key = rec.key
+        engine = rec.spec.get("engine", "backprop")
+        try:
+            self.loaded.unload(key)
+            job_dir = self.store.job_dir(rec.id)
+            workload = build_workload(rec.spec, self._data_refs(rec), self.tokenizer, self.bank.model,
+                                      self.model_task, job_dir)
+            torch.manual_seed(step_seed(int(rec.spec.get("seed", 0)), -1))  # the initial weights follow the seed
+            self.bank.add_tenant(key, workload.adapter_configs, head=workload.head)
+            try:
+                step, trainer_state = 0, None
+                ckpt = checkpoints.latest(job_dir)
+                if ckpt is not None:
+                    state, trainer_state = checkpoints.load(ckpt, self.bank.model, key)
+                    step = int(state["step"])
+                self.trainer.add(key, _optim_config(rec.spec), engine=engine, **self._engine_options(rec))
+                if trainer_state is not None:
+                    self.trainer.load_tenant_state_dict(key, trainer_state)
+            except Exception:
+                if key in self.trainer.training:
+                    self.trainer.remove(key)
+                self.bank.remove_tenant(key)
+                raise
+        except Exception as e:
+            self._fail(rec, e)
+            return
+        every = rec.spec.get("checkpoint_every") or self.config.checkpoint_every
+        self.active[key] = ActiveJob(rec, key, workload, step, every)
+        fields: dict[str, Any] = {"status": RUNNING, "step": step}
+        if rec.started is None:
+            fields["started"] = time.time()
+        if step > 0:
+            fields["resumed_from"] = step
+            self.store.truncate_metrics(rec.id, step)  # those steps are repeated from the checkpoint
+        self.store.update_job(rec.id, **fields)
+        log.info("job %s %s at step %d/%d", rec.id, "resumed" if step else "started", step, rec.total_steps)
+
+    def _data_refs(self, rec: JobRecord) -> dict[str, Any]:
+        """The job's data references made concrete: uploaded file ids become their server paths."""
+        out: dict[str, Any] = {}
+        for name in ("train", "eval"):
+            ref = rec.spec.get(name)
+            if not ref:
+                continue
+            if ref.get("file_id"):
+                f = self.store.get_file(ref["file_id"], rec.tenant_id)
+                if f is None:
+                    raise CotuneError(f"{name} file {ref['file_id']} no longer exists")
+                out[name] = {"path": str(self.store.file_path(f.id, f.ext))}
+            else:
+                out[name] = dict(ref)
+        return out
+
+    @staticmethod
+    def _engine_options(rec: JobRecord) -> dict[str, Any]:
+        """The job's engine options; zo draws its directions from the job's seed (reproducible, resumable)."""
+        engine = rec.spec.get("engine", "backprop")
+        options = dict(rec.spec.get("engine_options") or {})
+        allowed = SERVICE_ENGINE_OPTIONS.get(engine, ())
+        refused = sorted(set(options) - set(allowed))
+        if refused:
+            raise CotuneError(f"engine_options {refused} are not accepted for {engine!r} service jobs; "
+                              f"allowed: {list(allowed)}")
+        if engine == "zo":
+            options.setdefault("seed", int(rec.spec.get("seed", 0)))
+        return options
+
+    def round(self) -> None:
+        """One step for every active job: one mixed step of the trainer."""
+        self.rounds += 1
+        jobs = list(self.active.values())
+        parts = []
+        for job in jobs:
+            try:
+                parts.append((job.key, job.workload.batch(job.step)))
+            except Exception as e:  # this job's data is bad: it fails, the others train
+                self._drop(job)
+                self._fail(job.rec, e)
+        if not parts:
+            return
+        # The base's dropout draws depend only on the (seed, step) of the jobs in the batch: a lone job's
+        # step is the same computation after a restart as it would have been without one.
+        mix = 0
+        for job in sorted(jobs, key=lambda j: j.key):
+            mix = (mix * 1_000_003 + step_seed(int(job.rec.spec.get("seed", 0)), job.step)) % (2**63 - 1)
+        torch.manual_seed(mix)
+        try:
+            results = self._mixed_step(parts)
+        except Exception as e:
+            if len(parts) == 1:
+                job = self.active[parts[0][0]]
+                self._drop(job)
+                self._fail(job.rec, e)
+                return
+            # Find the culprit: step each job alone (a job's bad rows must not stop the others).
+            for key, batch in parts:
+                job = self.active[key]
+                self._guard(job, lambda job=job, batch=batch: self._after_step(job, self._mixed_step([(job.key, batch)])[job.key]))
+            return
+        for key, r in results.items():
+            self._guard(self.active[key], self._after_step, self.active[key], r)
+
+    def _mixed_step(self, parts: list[tuple[str, Any]]) -> dict[str, Any]:
+        self.bank.model.train()
+        try:
+            return self.trainer.step(self.mixer.collate(parts))
+        finally:
+            self.bank.model.eval()
+
+    def _after_step(self, job: ActiveJob, r: Any) -> None:
+        job.step += 1
+        job.last_loss = float(r.loss)
+        job.skipped += int(bool(r.skipped))
+        values = {"loss": job.last_loss}
+        values.update({k: float(v) for k, v in (r.stats or {}).items() if isinstance(v, int | float)})
+        self.store.add_metrics(job.rec.id, job.step, values)
+        self.store.update_job(job.rec.id, step=job.step)
+        if job.skipped > max(10, job.rec.total_steps // 2):
+            reason = getattr(r, "reason", None) or "non-finite loss or gradient"
+            raise CotuneError(f"{job.skipped} of {job.step} steps were skipped (last: {reason}); lower the lr "
+                              "or check the data")
+        if job.step >= job.rec.total_steps:
+            self._finish(job)
+        elif job.step % job.checkpoint_every == 0:
+            self._checkpoint(job)
+
+    def _guard(self, job: ActiveJob, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:
+            self._drop(job)
+            self._fail(job.rec, e)
+
+    def _trainer_state(self, job: ActiveJob) -> dict[str, Any]:
+        return self.trainer.tenant_state_dict(job.key)
+
+    def _checkpoint(self, job: ActiveJob) -> None:
+        state = {"step": job.step, "loss": job.last_loss, "time": time.time()}
+        checkpoints.save(self.store.job_dir(job.rec.id), self.bank.model, job.key, self._trainer_state(job), state)
+        self.store.update_job(job.rec.id, checkpoint_step=job.step)
+
+    def _finish(self, job: ActiveJob) -> None:
+        from cotune.adapters.attach import set_active
+
+        result: dict[str, Any] = {"train_loss": job.last_loss, "skipped_steps": job.skipped}
+        if job.workload.has_eval:
+            set_active(self.bank.model, job.key)
+            try:
+                metrics = job.workload.evaluate(self.bank.model)
+            finally:
+                set_active(self.bank.model, None)
+            result["eval"] = metrics
+            self.store.add_metrics(job.rec.id, job.step, {f"eval_{k}": v for k, v in metrics.items()
+                                                         if isinstance(v, int | float)})
+        job_dir = self.store.job_dir(job.rec.id)
+        tmp, final = job_dir / ".adapter.tmp", self.store.adapter_dir(job.rec.id)
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.bank.save_tenant(job.key, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        self.store.update_job(job.rec.id, status=SUCCEEDED, step=job.step, finished=time.time(), result=result)
+        checkpoints.discard(job_dir)
+        self._leave_trainer(job)
+        self.bank.set_trainable(False, [job.key])
+        self.loaded.remember(job.key, job.workload)
+        log.info("job %s succeeded: %s", job.rec.id, result)
+
+    def _leave_trainer(self, job: ActiveJob) -> None:
+        self.active.pop(job.key, None)
+        if job.key in self.trainer.training:
+            self.trainer.remove(job.key)
+
+    def _drop(self, job: ActiveJob) -> None:
+        try:
+            self._leave_trainer(job)
+        finally:
+            if job.key in self.bank:
+                self.bank.remove_tenant(job.key)
+
+    def _fail(self, rec: JobRecord, e: Exception) -> None:
+        reason = str(e) if isinstance(e, CotuneError) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, CotuneError):
+            log.error("job %s failed:\n%s", rec.id, traceback.format_exc())
+        self.store.update_job(rec.id, status=FAILED, error=reason[:2000], finished=time.time())
