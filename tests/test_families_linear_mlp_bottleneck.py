@@ -1,6 +1,6 @@
 """linear, mlp and bottleneck families on the real MiniLM model and real SST-2 rows.
 
-References are independent: a second copy of the base model with forward hooks that add the DESIGN §2
+References are independent: a second copy of the base model with forward hooks that add the documented
 formula written out here with einsum / explicit layers.
 """
 

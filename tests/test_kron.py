@@ -202,7 +202,7 @@ def test_site_seed_replays_the_servers_draw(minilm_cls, sst2_batch):
 
 
 def test_gradient_learning_gradient_equals_backprop_with_replayed_draws(minilm_cls, sst2_batch):
-    """DESIGN §3 for MAdaKron: from the captured (u, δ, seed) alone, ∇ of ½‖g(u;w) − sg(g(u;w_t) − s·δ)‖² at
+    """Gradient learning's contract for MAdaKron: from the captured (u, δ, seed) alone, ∇ of ½‖g(u;w) − sg(g(u;w_t) − s·δ)‖² at
     w_t equals the backprop gradient — only because the fitter replays the server's expert draws."""
     batch, labels = sst2_batch
     model = attach(minilm_cls, "kron", r=8, mixture="full", num_experts=3).train()

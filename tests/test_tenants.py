@@ -1,4 +1,4 @@
-"""Many tenants on one base (DESIGN §4): routing, gathered matmul, mixed training == training alone.
+"""Many tenants on one base: routing, gathered matmul, mixed training == training alone.
 
 References are independent of the bank: a plain cotune model per tenant (``attach`` + its own head width)
 trained with an ordinary torch optimizer loop, and direct formulas for the gathered low-rank product.

@@ -60,7 +60,7 @@ def _no_match_message(wanted: Sequence[str], names: list[str]) -> str:
 
 
 def default_targets(family: str, model: nn.Module) -> list[str] | str:
-    """The family's placement for this architecture (DESIGN §2), e.g. kron after ``output.dense``."""
+    """The family's placement for this architecture, e.g. kron after ``output.dense``."""
     fam = get_family(family)
     mt = model_type(model)
     for key in (mt, "*"):

@@ -19,7 +19,7 @@ from torch import nn
 
 from cotune.errors import CotuneError
 
-#: Where an adapter's contribution lands (DESIGN §1). ``replace``: the module is replaced by ``g`` itself
+#: Where an adapter's contribution lands. ``replace``: the module is replaced by ``g`` itself
 #: (the "full" family: a task head or LayerNorm trained in place; ``s = 1``).
 SITES = ("parallel", "sequential", "pre", "replace")
 

@@ -1,4 +1,4 @@
-"""Tensor-train (TT) linear layers: the math behind LoRETTA (DESIGN §2 "tt").
+"""Tensor-train (TT) linear layers: the math behind LoRETTA.
 
 A TT layer stores cores ``G_k ∈ R^{r_{k-1} × n_k × r_k}`` (``r_0 = r_d = 1``, ``Π n_k = d_in·d_out``) of one
 tensor whose row-major reshape is the weight: ``W = reshape(G_1·G_2⋯G_d, (d_in, d_out))`` and
@@ -182,7 +182,7 @@ def tt_linear(
 
 
 class TTLinear(nn.Module):
-    """``y = u W + b`` with ``W`` stored as a TT (``cores.0 … cores.{d-1}``) — DESIGN §2 "tt".
+    """``y = u W + b`` with ``W`` stored as a TT (``cores.0 … cores.{d-1}``).
 
     Init: core ``k`` is ``randn / √r_k · (1/√(d_in+d_out))^(1/d)``, so every entry of ``W`` has variance
     ``1/(d_in+d_out)`` (the rank sums cancel the ``1/r_k``); bias uniform in ``±1/√d_out``.

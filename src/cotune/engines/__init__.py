@@ -1,4 +1,4 @@
-"""Training engines (DESIGN §3): backprop, gradient learning (ColA), zeroth order (MeZO).
+"""Training engines: backprop, gradient learning (ColA), zeroth order (MeZO).
 
 Every engine implements ``Engine`` from ``cotune.engines.base`` and is built by ``make_engine``; the
 trainer, the tenant bank and the service drive them only through that interface.

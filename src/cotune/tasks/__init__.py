@@ -1,4 +1,4 @@
-"""Tasks: data loading in the published formats, collation, losses and metrics (DESIGN §5-6).
+"""Tasks: data loading in the published formats, collation, losses and metrics.
 
 ``make_task(kind, data, model=None, **options)`` is the entry point; see :mod:`cotune.tasks.base` for the
 interface and options, :mod:`cotune.tasks.catalog` for how ``data`` is resolved and how held-out splits are

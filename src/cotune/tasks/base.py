@@ -2,7 +2,7 @@
 
 A :class:`Task` is one object per (task type, data set). It loads splits as plain rows, builds the base model
 with the right head, collates rows into tensors, computes the training loss with a forward pass only, and
-evaluates. Tasks know nothing of engines or adapters (DESIGN §6): an engine calls ``task.loss(model, batch)``.
+evaluates. Tasks know nothing of engines or adapters: an engine calls ``task.loss(model, batch)``.
 
 Options every task type accepts (through :func:`make_task`):
 

@@ -1,6 +1,6 @@
 """MAdaKron's consistency loss as a training objective: two forwards with independent expert draws.
 
-``loss = CE(logits₁, y) + w · ½[KL(sg p₂‖p₁) + KL(sg p₁‖p₂)]`` on the classification logits (DESIGN §2 "kron"),
+``loss = CE(logits₁, y) + w · ½[KL(sg p₂‖p₁) + KL(sg p₁‖p₂)]`` on the classification logits (MAdaKron: ``adapters/families/kron.py``),
 switched on by a kron config's ``consistency_loss: w`` (AdaKron's ``--use_consistency_loss 1`` is ``w = 1``).
 Built here, from the task's logits, so that neither the family nor the engines need to know about it.
 """

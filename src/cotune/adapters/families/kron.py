@@ -1,4 +1,4 @@
-"""kron (AdaKron) and its mixture MAdaKron — DESIGN §2 "kron".
+"""kron (AdaKron) and its mixture MAdaKron.
 
 For ``u ∈ R^d``: ``a = W_2 u + b_2 ∈ R^4``, ``v = W_1 u + b_1 ∈ R^{r/4}``, ``z = a ⊗ v ∈ R^r``
 (``z[i·r/4 + j] = a_i v_j``) and ``g(u) = W_B GELU(z) + b_B``. A sequential adapter after the feed-forward

@@ -43,7 +43,7 @@ def site_widths(site: str, d_in: int, d_out: int) -> tuple[int, int]:
     """The adapter's (input, output) widths at ``site`` of a module mapping ``d_in -> d_out``.
 
     parallel/replace read the module input and add to its output; sequential reads and adds to the
-    output; pre reads and adds to the input (DESIGN §1).
+    output; pre reads and adds to the input.
     """
     if site == "sequential":
         return d_out, d_out

@@ -1,4 +1,4 @@
-"""LoRETTA's tensor-train families (DESIGN §2 "tt"): ``loretta_adp``, ``loretta_rep`` and ``tt_linear``.
+"""LoRETTA's tensor-train families: ``loretta_adp``, ``loretta_rep`` and ``tt_linear``.
 
 * ``loretta_adp``: bottleneck ``g(u) = U(ReLU(D(u)))`` with TT layers ``D: H→64`` and ``U: 64→H`` (both with
   bias). The adapter works at the hidden width H on the narrow side of its module: ``sequential`` (on the

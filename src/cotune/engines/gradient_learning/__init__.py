@@ -1,4 +1,4 @@
-"""ColA gradient learning (DESIGN §3): the server captures ``(u, δ)``, fitters update the adapters.
+"""ColA gradient learning: the server captures ``(u, δ)``, fitters update the adapters.
 
 Public classes, each usable on its own (the multi-tenant bank reuses them per tenant):
 

@@ -71,7 +71,7 @@ def _on_wire(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def site_widths(ad: Adapter) -> tuple[int, int]:
-    """The widths of ``u`` and of ``h`` at this adapter's site (DESIGN §1)."""
+    """The widths of ``u`` and of ``h`` at this adapter's site."""
     if ad.site == "sequential":
         return ad.d_out, ad.d_out
     if ad.site == "pre":
