@@ -141,15 +141,26 @@ def optimizer_state_bytes(opt: Any) -> int:
 
 
 # -- isolated runs ----------------------------------------------------------------------------------------------
-def run_isolated(target: str, kwargs: dict[str, Any], timeout: float = 1800, threads: int | None = None) -> dict:
+def run_isolated(
+    target: str,
+    kwargs: dict[str, Any],
+    timeout: float = 1800,
+    threads: int | None = None,
+    fixed_mmap: bool = True,
+) -> dict:
     """Run ``module:function(**kwargs)`` in a fresh interpreter and return the dict it returns.
 
-    The child starts with the fixed mmap threshold (see the module docstring) and ``OMP_NUM_THREADS``;
-    it prints its JSON result after a marker line, so library chatter on stdout does not matter. A child
-    that fails raises ``RuntimeError`` with the tail of its output.
+    The child starts with the fixed mmap threshold (see the module docstring; ``fixed_mmap=False`` leaves
+    glibc's default, for timings: the fixed threshold page-faults every large tensor afresh and can double
+    a training step's time) and ``OMP_NUM_THREADS``; it prints its JSON result after a marker line, so
+    library chatter on stdout does not matter. A child that fails raises ``RuntimeError`` with the tail of
+    its output.
     """
     env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    if fixed_mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if threads is not None:

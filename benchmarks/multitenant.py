@@ -1,29 +1,50 @@
-"""Many tenants on one base (DESIGN §4): cotune's mixed batches vs K separate Hugging Face PEFT LoRA runs.
+"""Many tenants on one base: the step throughput of cotune's mixed batches vs Hugging Face PEFT on a CPU.
 
 K = 1, 2, 4, 8 tenants on MiniLM, each a different real task from ``../shared/data`` (SST-2, RTE, MRPC,
 CoLA, FPB (3 labels), QNLI, WNLI, STS-B (regression)), each a LoRA r=8 / alpha=16 on query+value with its
-own head, each job ``steps`` steps of 4 rows x 64 tokens. Compared, in fresh subprocesses:
+own head and AdamW (lr 1e-3, weight decay 0.01), each ``--steps`` steps (default 20) of 4 rows x ``--seq``
+tokens (default 64). Every job runs in a fresh process (``run_isolated``), one after another, with
+glibc's default malloc (``fixed_mmap=False``: the fixed mmap threshold that the memory suites use makes
+every large tensor page-fault afresh, which doubled a 32-row PEFT step here):
 
-* ``cotune``: ONE process, one mixed batch of 4K rows per step (one base forward/backward for all K);
-  engine ``backprop`` and ``gl`` (gradient learning, fitters inline);
-* ``peft-seq``: K PEFT processes one after another (each loads the model and trains its job);
-* ``peft-par``: K PEFT processes at the same time (``torch.set_num_threads(max(1, cores // K))`` each),
-  at the K values of ``--par-ks`` (default 8).
+* ``cotune-<engine>``: ONE process training all K tenants from mixed batches of 4K rows
+  (``MultiTenantTrainer(bank, engine=...)``: one routed base forward/backward per step for all K);
+  engines ``backprop`` and ``gl`` (gradient learning, fitters inline: the trainer's default).
+* ``peft-1job``: the anchor, ONE PEFT job (``get_peft_model``; ``model(**b).loss``, ``backward``,
+  ``step``) on 4K rows of SST-2 per step: the same rows per step as the mixed batch, one task. On a CPU
+  this is the physical limit: the cost of a step is about proportional to its rows (a 4-row and a 32-row
+  step cost about the same per row), so K mixed tenants can at best match one PEFT job of the same rows.
+  At K=1 it is the same job as peft-seq's SST-2 job and is run once.
+* ``peft-seq``: K PEFT jobs of 4 rows each, one after another (one process per task; a task's job does
+  not depend on K, so each runs once and K tenants' figures are the sums over the first K tasks).
 
-Reported: wall time to finish all K jobs end to end (process start, model load, tokenisation, training),
-the training-loop time alone, and the server's peak RSS (``ru_maxrss`` of each fresh process; for
-``peft-par`` the sum over the K concurrent processes, for ``peft-seq`` the largest single run).
-Targets (CPU): cotune wall <= peft-seq wall / 0.95; cotune RSS at K=8 <= 1.15 x one PEFT run.
+Measured per run: every step's time (``time.perf_counter`` around ``trainer.step`` / the PEFT step; the
+batches are built before the loop); the MEDIAN step after warm-up (the first 3 steps are dropped; with
+fewer than 4 steps all but the last are); rows/s = rows per step / median step; setup = process start to
+the first step (interpreter, imports, model load, tokenisation; measured from the parent's launch); loop
+= the sum of all step times; wall = process launch to exit. For peft-seq the median step is the sum of
+the K jobs' medians (one step of every tenant), setup, loop and wall are sums over the K processes.
+The table gives, per K and run: setup s, median step s, rows/s, rows/s / peft-1job rows/s at that K (the
+target: >= 0.95 for cotune backprop and gl), loop s, wall s, and peft-seq wall / this wall.
+``results.json`` keeps every per-step time list, each process's peak RSS, the machine (``machine()``)
+and the load average before and after; ``throughput.png`` plots rows/s against K.
 
-``python -m benchmarks multitenant [--steps N] [--ks 1,2,4,8] [--smoke]``
+The old ``--par-ks`` (K concurrent PEFT processes) and the peak-RSS table/plot are gone: this suite is
+about step throughput (peak RSS is still recorded per process in results.json, under glibc's default
+malloc, so not comparable with the memory suites' figures).
+
+``python -m benchmarks multitenant [--ks 1,2,4,8] [--steps 20] [--seq 64] [--engines backprop,gl] [--out DIR]``
+``--smoke``: a tiny in-process run for CI (K=2, 2 steps, 16 tokens, cotune gl only).
+Run the real measurement on a quiet machine (the load average is recorded to judge it).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,25 +62,50 @@ from benchmarks._common import (
 )
 
 TASK_ORDER = ["sst2", "rte", "mrpc", "cola", "fpb", "qnli", "wnli", "stsb"]
-ROWS, SEQ, R, ALPHA = 4, 64, 8, 16.0
+#: the task of the one-PEFT-job anchor (67k training rows: enough for 4K rows x any sensible step count)
+ANCHOR_TASK = "sst2"
+ROWS, SEQ, R, ALPHA, LR, WEIGHT_DECAY = 4, 64, 8, 16.0, 1e-3, 0.01
+STEPS, WARMUP = 20, 3
+LIMIT = "one PEFT job with the same rows per step (4K rows of SST-2)"
 
 
-def _batches(tokenizer, task: str, steps: int, seq: int) -> list[dict]:
+def warmup_steps(steps: int) -> int:
+    """Steps dropped before the median: ``WARMUP``, but always keeping at least one."""
+    return max(0, min(WARMUP, steps - 1))
+
+
+def _batches(tokenizer, task: str, steps: int, seq: int, rows: int = ROWS) -> list[dict]:
     from benchmarks._glue import encode, task_rows
 
-    texts, labels, _ = task_rows(DATA, task, steps * ROWS)
+    texts, labels, _ = task_rows(DATA, task, steps * rows)
+    if len(texts) < steps * rows:
+        raise ValueError(f"{task} has {len(texts)} rows; {steps} steps x {rows} rows need {steps * rows}")
     enc = encode(tokenizer, texts, labels, seq)
-    return [{k: v[i * ROWS : (i + 1) * ROWS] for k, v in enc.items()} for i in range(steps)]
+    return [{k: v[i * rows : (i + 1) * rows] for k, v in enc.items()} for i in range(steps)]
+
+
+def _timings(step_s: list[float], rows: int, first_step_at: float) -> dict[str, Any]:
+    warm = warmup_steps(len(step_s))
+    med = statistics.median(step_s[warm:])
+    return {
+        "step_s": step_s,
+        "warmup": warm,
+        "median_step_s": med,
+        "rows_per_step": rows,
+        "rows_per_s": rows / med,
+        "loop_s": sum(step_s),
+        "first_step_at": first_step_at,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
+    }
 
 
 def cotune_job(
     tasks: list[str], steps: int, seq: int = SEQ, engine: str = "backprop", micro_rows: int | None = None
 ) -> dict[str, Any]:
-    """All ``tasks`` as tenants of one bank, trained from mixed batches; timings and peak RSS.
+    """All ``tasks`` as tenants of one bank, trained from mixed batches of ``ROWS`` rows each; step times.
 
     ``micro_rows``: cap the rows of one server pass (whole tenants per chunk, see ``MultiTenantTrainer``).
     """
-    t_start = time.perf_counter()
     set_offline()
     import torch
 
@@ -79,27 +125,32 @@ def cotune_job(
         bank.add_tenant(
             t, make_config("lowrank", r=R, lora_alpha=ALPHA, target_modules=["query", "value"]), head=TASKS[t][1]
         )
-        trainer.add(t, OptimConfig(lr=1e-3))
+        trainer.add(t, OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY))
         sched.join(t, _batches(tok, t, steps, seq), rows_per_step=ROWS)
-    t_loop = time.perf_counter()
-    losses = {t: [] for t in tasks}
-    for batch in sched:
-        for t, r in trainer.step(batch).items():
+    batches = list(sched)  # built before the loop, as PEFT's are
+    losses: dict[str, list[float]] = {t: [] for t in tasks}
+    step_s = []
+    first_step_at = time.time()
+    for batch in batches:
+        t0 = time.perf_counter()
+        results = trainer.step(batch)
+        step_s.append(time.perf_counter() - t0)
+        for t, r in results.items():
             losses[t].append(r.loss)
-    loop_s = time.perf_counter() - t_loop
     trainer.close()
     return {
-        "loop_s": loop_s,
-        "job_s": time.perf_counter() - t_start,
-        "peak_rss_mb": peak_rss_bytes() / 2**20,
+        **_timings(step_s, ROWS * len(tasks), first_step_at),
+        "engine": engine,
+        "micro_rows": micro_rows,
+        "torch_threads": torch.get_num_threads(),
+        "skipped": dict(trainer.skipped),
         "first_loss": {t: v[0] for t, v in losses.items()},
         "last_loss": {t: v[-1] for t, v in losses.items()},
     }
 
 
-def peft_job(task: str, steps: int, seq: int = SEQ, threads: int | None = None) -> dict[str, Any]:
-    """One Hugging Face PEFT LoRA job (the usual recipe) on one task; timings and peak RSS."""
-    t_start = time.perf_counter()
+def peft_job(task: str, steps: int, seq: int = SEQ, rows: int = ROWS) -> dict[str, Any]:
+    """One Hugging Face PEFT LoRA job (the usual recipe) on ``rows`` rows of ``task`` per step; step times."""
     set_offline()
     import torch
     from peft import LoraConfig, get_peft_model
@@ -108,87 +159,66 @@ def peft_job(task: str, steps: int, seq: int = SEQ, threads: int | None = None) 
     from benchmarks._glue import TASKS
     from cotune.models import minilm_path
 
-    if threads:
-        torch.set_num_threads(threads)
     torch.manual_seed(0)
     path = str(minilm_path())
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=TASKS[task][1], dtype=torch.float32)
     cfg = LoraConfig(task_type="SEQ_CLS", r=R, lora_alpha=ALPHA, target_modules=["query", "value"])
     model = get_peft_model(model, cfg).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    batches = _batches(tok, task, steps, seq)
-    t_loop = time.perf_counter()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
+    batches = _batches(tok, task, steps, seq, rows)
     losses = []
+    step_s = []
+    first_step_at = time.time()
     for b in batches:
+        t0 = time.perf_counter()
         loss = model(**b).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
+        step_s.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
-    loop_s = time.perf_counter() - t_loop
     return {
-        "loop_s": loop_s,
-        "job_s": time.perf_counter() - t_start,
-        "peak_rss_mb": peak_rss_bytes() / 2**20,
+        **_timings(step_s, rows, first_step_at),
+        "task": task,
+        "torch_threads": torch.get_num_threads(),
         "first_loss": losses[0],
         "last_loss": losses[-1],
     }
 
 
-def _timed(fn, *args, **kwargs) -> tuple[dict, float]:
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
+def _run(target: str, kwargs: dict[str, Any], smoke: bool) -> dict[str, Any]:
+    """``target(**kwargs)`` in a fresh process (in this one for ``smoke``), with setup and wall time."""
+    launched, t0 = time.time(), time.perf_counter()
+    if smoke:
+        mod, _, fn = target.partition(":")
+        r = getattr(importlib.import_module(mod), fn)(**kwargs)
+    else:
+        r = run_isolated(target, kwargs, fixed_mmap=False)
+    wall = time.perf_counter() - t0
+    return {**r, "setup_s": r["first_step_at"] - launched, "wall_s": wall}
 
 
-def _concurrent(tasks: list[str], steps: int, seq: int) -> tuple[list[dict], float]:
-    threads = max(1, (os.cpu_count() or 1) // len(tasks))
-    results: list[Any] = [None] * len(tasks)
+def measure(ks: list[int], steps: int, seq: int, smoke: bool, engines: list[str]) -> list[dict[str, Any]]:
+    """Every run of every K, each in a fresh process (in-process for ``smoke``); rows of ``report``."""
+    peft: dict[tuple[str, int], dict] = {}  # (task, rows per step) -> job: a job does not depend on K
 
-    def go(i: int, t: str) -> None:
-        results[i] = run_isolated(
-            "benchmarks.multitenant:peft_job",
-            {"task": t, "steps": steps, "seq": seq, "threads": threads},
-            threads=threads,
-        )
+    def peft_run(task: str, rows: int) -> dict:
+        if (task, rows) not in peft:
+            kw = {"task": task, "steps": steps, "seq": seq, "rows": rows}
+            peft[task, rows] = _run("benchmarks.multitenant:peft_job", kw, smoke)
+            r = peft[task, rows]
+            print(
+                f"  peft {task} x {rows} rows: setup {r['setup_s']:.1f}s, median step {r['median_step_s']:.3f}s,"
+                f" {r['rows_per_s']:.1f} rows/s",
+                flush=True,
+            )
+        return peft[task, rows]
 
-    t0 = time.perf_counter()
-    workers = [threading.Thread(target=go, args=(i, t)) for i, t in enumerate(tasks)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    if any(r is None for r in results):
-        raise RuntimeError("a concurrent PEFT job failed (see its error above)")
-    return results, time.perf_counter() - t0
-
-
-def measure(
-    ks: list[int], steps: int, seq: int, smoke: bool, engines: list[str], par_ks: list[int]
-) -> list[dict[str, Any]]:
-    """Every configuration in a fresh process (in-process for ``smoke``).
-
-    A task's PEFT job does not depend on K, so each is run once and ``peft-seq`` for K tenants is the sum
-    of the first K jobs (wall = their back-to-back wall times).
-    """
-    singles: dict[str, dict] = {}
-
-    def peft_single(t: str) -> dict:
-        if t not in singles:
-            if smoke:
-                r, wall = _timed(peft_job, t, steps, seq)
-            else:
-                r, wall = _timed(
-                    run_isolated, "benchmarks.multitenant:peft_job", {"task": t, "steps": steps, "seq": seq}
-                )
-            singles[t] = {**r, "wall_s": wall}
-        return singles[t]
-
-    rows = []
+    out = []
     for k in ks:
         tasks = TASK_ORDER[:k]
-        row: dict[str, Any] = {"K": k, "tasks": tasks}
+        runs: dict[str, dict] = {}
         for spec in engines:
             eng, _, micro = spec.partition(":")
             kw = {
@@ -198,145 +228,140 @@ def measure(
                 "engine": eng,
                 "micro_rows": int(micro) if micro else None,
             }
-            if smoke:  # in-process: a smoke run only checks that the pieces run
-                r, wall = _timed(cotune_job, **kw)
-            else:
-                r, wall = _timed(run_isolated, "benchmarks.multitenant:cotune_job", kw)
-            row[f"cotune_{spec}"] = {**r, "wall_s": wall}
-            print(f"K={k} cotune {spec}: wall {wall:.1f}s", flush=True)
-        seq_runs = [peft_single(t) for t in tasks]
-        row["peft_seq"] = {
-            "wall_s": sum(r["wall_s"] for r in seq_runs),
-            "loop_s": sum(r["loop_s"] for r in seq_runs),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in seq_runs),
-            "runs": seq_runs,
+            r = runs[f"cotune-{spec}"] = _run("benchmarks.multitenant:cotune_job", kw, smoke)
+            print(
+                f"K={k} cotune {spec}: setup {r['setup_s']:.1f}s, median step {r['median_step_s']:.3f}s,"
+                f" {r['rows_per_s']:.1f} rows/s, wall {r['wall_s']:.1f}s",
+                flush=True,
+            )
+        runs["peft-1job"] = peft_run(ANCHOR_TASK, ROWS * k)
+        jobs = [peft_run(t, ROWS) for t in tasks]
+        med = sum(j["median_step_s"] for j in jobs)
+        runs["peft-seq"] = {
+            "setup_s": sum(j["setup_s"] for j in jobs),
+            "median_step_s": med,
+            "rows_per_step": ROWS * k,
+            "rows_per_s": ROWS * k / med,
+            "loop_s": sum(j["loop_s"] for j in jobs),
+            "wall_s": sum(j["wall_s"] for j in jobs),
+            "jobs": jobs,
         }
-        if not smoke and k > 1 and k in par_ks:  # K=1 concurrent is the sequential run
-            par, wall = _concurrent(tasks, steps, seq)
-            row["peft_par"] = {
-                "wall_s": wall,
-                "loop_s": max(r["loop_s"] for r in par),
-                "peak_rss_mb": sum(r["peak_rss_mb"] for r in par),
-                "runs": par,
-            }
-        rows.append(row)
+        out.append({"K": k, "tasks": tasks, "runs": runs})
         print(f"K={k} done", flush=True)
-    return rows
+    return out
 
 
-def report(rows: list[dict], engines: list[str], steps: int, out: Path) -> str:
-    one_peft = rows[0]["peft_seq"]["runs"][0]["peak_rss_mb"]
+def report(rows: list[dict], out: Path) -> str:
+    """The markdown table (and ``throughput.png``): per K and run, setup, median step, rows/s and ratios."""
     headers = [
         "K",
         "run",
-        "wall s",
+        "setup s",
+        "median step s",
+        "rows/s",
+        "rows/s ÷ 1 PEFT job",
         "loop s",
-        "job steps/s",
-        "peak RSS MB",
-        "peft-seq/wall",
-        "peft-seq/loop",
-        "RSS / 1 PEFT",
+        "wall s",
+        "peft-seq wall ÷ wall",
     ]
     table = []
+    curves: dict[str, tuple[list[float], list[float]]] = {}
     for row in rows:
-        k = row["K"]
-        ref, ref_loop = row["peft_seq"]["wall_s"], row["peft_seq"]["loop_s"]
-        for name in [f"cotune_{e}" for e in engines] + ["peft_seq", "peft_par"]:
-            if name not in row:
-                continue
-            r = row[name]
+        k, runs = row["K"], row["runs"]
+        limit, seq_wall = runs["peft-1job"]["rows_per_s"], runs["peft-seq"]["wall_s"]
+        for name, r in runs.items():
+            r["vs_one_peft"] = r["rows_per_s"] / limit
+            r["peft_seq_wall_ratio"] = seq_wall / r["wall_s"]
             table.append(
                 [
                     k,
-                    name.replace("_", "-"),
-                    r["wall_s"],
+                    name,
+                    r["setup_s"],
+                    r["median_step_s"],
+                    r["rows_per_s"],
+                    r["vs_one_peft"],
                     r["loop_s"],
-                    k * steps / r["wall_s"],
-                    r["peak_rss_mb"],
-                    ref / r["wall_s"],
-                    ref_loop / r["loop_s"],
-                    r["peak_rss_mb"] / one_peft,
+                    r["wall_s"],
+                    r["peft_seq_wall_ratio"],
                 ]
             )
-    text = markdown_table(headers, table, digits=2)
-    xs = [row["K"] for row in rows]
-    curves = {}
-    for name in [f"cotune_{e}" for e in engines] + ["peft_seq", "peft_par"]:
-        have = [row for row in rows if name in row]
-        if have:
-            curves[name.replace("_", "-")] = (
-                [r["K"] for r in have],
-                [r["K"] * steps / r[name]["wall_s"] for r in have],
-            )
-    del xs
+            label = f"{name} (limit: 1 job, 4K rows/step)" if name == "peft-1job" else name
+            xs, ys = curves.setdefault(label, ([], []))
+            xs.append(k)
+            ys.append(r["rows_per_s"])
     line_plot(
         out / "throughput.png",
         curves,
-        "tenants K",
-        "job steps per second (end to end)",
-        "MiniLM, 4 x 64 tokens per tenant per step",
+        "tenants K (4 rows each per step)",
+        "rows/s (median step after warm-up)",
+        "MiniLM LoRA training on CPU: mixed batches vs PEFT",
     )
-    _memory_bars(out / "memory.png", rows, engines)
-    return text
-
-
-def _memory_bars(path: Path, rows: list[dict], engines: list[str]) -> None:
-    from benchmarks._common import _plt
-
-    plt = _plt()
-    names = [f"cotune_{e}" for e in engines] + ["peft_seq", "peft_par"]
-    names = [n for n in names if any(n in r for r in rows)]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    width = 0.8 / max(1, len(names))
-    for i, n in enumerate(names):
-        label = "1 PEFT run (largest)" if n == "peft_seq" else n.replace("_", "-")
-        ax.bar(
-            [j + i * width for j in range(len(rows))],
-            [r[n]["peak_rss_mb"] if n in r else 0.0 for r in rows],
-            width,
-            label=label,
-        )
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(rows))], [f"K={r['K']}" for r in rows])
-    ax.set_ylabel("peak RSS (MB)")
-    ax.set_title("server memory: one cotune process vs PEFT processes")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return markdown_table(headers, table, digits=3)
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks multitenant", description=__doc__.split("\n")[0])
     p.add_argument("--ks", default="1,2,4,8", help="numbers of tenants (comma separated, at most 8)")
-    p.add_argument("--steps", type=int, default=6, help="training steps of every job")
+    p.add_argument("--steps", type=int, default=STEPS, help=f"training steps of every job (first {WARMUP} dropped)")
     p.add_argument("--seq", type=int, default=SEQ, help="tokens per row")
     p.add_argument(
         "--engines",
-        default="backprop,backprop:8,gl",
+        default="backprop,gl",
         help="cotune configurations: engine (backprop, gl), optionally :MICRO_ROWS (rows per server pass)",
     )
-    p.add_argument("--par-ks", default="8", help="K values at which K PEFT processes also run concurrently")
-    p.add_argument(
-        "--smoke", action="store_true", help="tiny in-process run (K=2, gl with 2-row passes, 1 step, 16 tokens)"
-    )
+    p.add_argument("--smoke", action="store_true", help="tiny in-process run (K=2, 2 steps, 16 tokens, gl only)")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/multitenant)")
     a = p.parse_args(argv)
     ks = [int(x) for x in a.ks.split(",")]
     if any(k < 1 or k > len(TASK_ORDER) for k in ks):
         print(f"--ks must be between 1 and {len(TASK_ORDER)}", file=sys.stderr)
         return 2
-    engines = a.engines.split(",")
+    if a.steps < 1:
+        print("--steps must be >= 1", file=sys.stderr)
+        return 2
+    engines = [e for e in a.engines.split(",") if e]
     steps, seq = a.steps, a.seq
     if a.smoke:
-        ks, steps, seq, engines = [2], 1, 16, ["gl:2"]
+        ks, steps, seq, engines = [2], 2, 16, ["gl"]
     out = out_dir("multitenant", a.smoke, a.out)
-    rows = measure(ks, steps, seq, a.smoke, engines, [int(x) for x in a.par_ks.split(",") if x])
-    text = report(rows, engines, steps, out)
     info = machine()
+    load_before = list(os.getloadavg())
+    t0 = time.perf_counter()
+    rows = measure(ks, steps, seq, a.smoke, engines)
+    total_s = time.perf_counter() - t0
+    load_after = list(os.getloadavg())
+    text = report(rows, out)
+    notes = (
+        f"MiniLM, LoRA r={R} alpha={ALPHA:g} on query+value, AdamW; {ROWS} rows x {seq} tokens per tenant per step,"
+        f" {steps} steps, median step after dropping the first {warmup_steps(steps)}.\n"
+        f"Physical limit on a CPU: {LIMIT}; the goal is rows/s ÷ 1 PEFT job >= 0.95 for cotune.\n"
+        "peft-seq: K 4-row PEFT jobs one after another (median step = sum of the K jobs' medians;"
+        " setup, loop, wall = sums over the K processes)."
+    )
     write_json(
         out / "results.json",
-        {"machine": info, "steps": steps, "seq": seq, "rows_per_tenant": ROWS, "rows": rows, "table": text},
+        {
+            "machine": info,
+            "load_average": {"before": load_before, "after": load_after},
+            "total_s": total_s,
+            "steps": steps,
+            "warmup": warmup_steps(steps),
+            "seq": seq,
+            "rows_per_tenant": ROWS,
+            "anchor_task": ANCHOR_TASK,
+            "limit": LIMIT,
+            "engines": engines,
+            "smoke": a.smoke,
+            "rows": rows,
+            "notes": notes,
+            "table": text,
+        },
     )
+    print(notes)
     print(text)
-    print(f"machine: {info['cpu_count']} cores, load {info['load_average_1m']:.1f}; results in {out}")
+    print(
+        f"machine: {info['cpu_count']} cores, torch threads {info['torch_threads']}, load (1/5/15 min)"
+        f" before {'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in load_after)};"
+        f" {total_s:.0f}s in all; results in {out}"
+    )
     return 0
