@@ -79,7 +79,8 @@ def train_peft(cfg) -> dict[str, float]:
 
     from cotune.engines.base import make_optimizer, make_scheduler
     from cotune.tasks import make_task
-    from cotune.training.trainer import epoch_order, seed_everything, split_rows
+    from cotune.tasks.order import epoch_order
+    from cotune.training.trainer import seed_everything, split_rows
 
     seed_everything(cfg.seed)
     task = make_task(cfg.task.kind, cfg.task.data, model=cfg.model, **cfg.task_options())

@@ -18,6 +18,7 @@ from torch import nn
 
 from cotune.errors import CotuneError
 from cotune.service.store import atomic_write_json
+from cotune.tasks.order import stream_batch
 
 #: task kinds the service trains (the base model is loaded once, with a sequence-classification head)
 SERVICE_TASKS = ("seq_cls",)
@@ -58,7 +59,8 @@ class Workload:
     """A job's task, rows, adapter configs and head, plus its deterministic batch order.
 
     ``batch(step)`` depends only on (seed, step): row ``p = step·B + j`` of the endless stream is row
-    ``perm_e[p mod n]`` of epoch ``e = p // n``, with ``perm_e`` a permutation seeded by (seed, e).
+    ``perm_e[p mod n]`` of epoch ``e = p // n``, with ``perm_e = epoch_order(n, seed, e)``, the trainer's order
+    (``cotune.tasks.order.stream_batch``).
     """
 
     def __init__(self, spec: dict[str, Any], data: dict[str, Any] | None, tokenizer: Any, model: nn.Module,
@@ -118,20 +120,10 @@ class Workload:
         return meta
 
     # -- training ------------------------------------------------------------------------------------------------
-    def _perm(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.train_rows), generator=g)
-
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The collated rows of training step ``step`` (replayable after a restart)."""
-        n, b = len(self.train_rows), self.batch_size
-        rows, perms = [], {}
-        for p in range(step * b, step * b + b):
-            e = p // n
-            if e not in perms:
-                perms[e] = self._perm(e)
-            rows.append(self.train_rows[int(perms[e][p % n])])
-        return self.task.collate(rows)
+        idx = stream_batch(len(self.train_rows), self.batch_size, self.seed, step)
+        return self.task.collate([self.train_rows[i] for i in idx])
 
     @staticmethod
     def tenant_loss(logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 ``train(cfg)`` is what ``cotune train`` calls. Its guarantees:
 
-* the data order is a pure function of ``(seed, epoch)`` (``epoch_order``), so a resumed run skips ahead to
-  exactly the batch it stopped at;
+* the data order is a pure function of ``(seed, epoch)`` (``cotune.tasks.order.epoch_order``), so a resumed
+  run skips ahead to exactly the batch it stopped at;
 * checkpoints hold adapter, engine, trainer and RNG state, and evaluation does not touch the training
   RNG streams, so a run stopped and resumed ends with the same adapter as one that never stopped;
 * the best adapter is chosen on the validation split only; the test split is used once, at the end, on
@@ -35,6 +35,7 @@ from cotune.adapters.methods import method_configs
 from cotune.adapters.registry import make_config
 from cotune.engines.base import make_engine
 from cotune.errors import CotuneError
+from cotune.tasks.order import epoch_order
 from cotune.tasks.progress import progress
 from cotune.training.checkpoint import (
     TrainerState,
@@ -72,12 +73,7 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
-# -- data order ------------------------------------------------------------------------------------------------
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The row order of ``epoch``: a permutation that depends on ``(seed, epoch)`` only."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
+# -- which rows train (their order in each epoch: cotune.tasks.order.epoch_order) -------------------------------
 def _subset(n: int, seed: int, tag: int) -> np.ndarray:
     return np.random.default_rng([seed, tag]).permutation(n)
 
