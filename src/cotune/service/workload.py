@@ -125,16 +125,6 @@ class Workload:
         idx = stream_batch(len(self.train_rows), self.batch_size, self.seed, step)
         return self.task.collate([self.train_rows[i] for i in idx])
 
-    @staticmethod
-    def tenant_loss(logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean loss over the job's rows of a mixed batch (cross-entropy; MSE for one output)."""
-        from cotune.tenants.engine import classification_loss
-
-        return classification_loss(logits, targets)
-
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return self.task.loss(model, batch)
-
     @property
     def has_eval(self) -> bool:
         return bool(self.eval_rows)
