@@ -72,6 +72,15 @@ def default_targets(family: str, model: nn.Module) -> list[str] | str:
     )
 
 
+def head_modules(model: nn.Module) -> list[str]:
+    """The task-head module(s) a trainable head sits on: the ``full`` family's default placement for this
+    architecture (``classifier`` for BERT, ``score`` for Llama), i.e. PEFT's ``modules_to_save`` of the task.
+
+    The one head mechanism: a single job adds a ``full`` adapter there, the tenant bank gives each tenant its own.
+    """
+    return match_targets(model, default_targets("full", model))
+
+
 def _wrap(model: nn.Module, path: str) -> AdaptedModule:
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model

@@ -32,8 +32,8 @@ from cotune.adapters.attach import (
     adapter_sets,
     attach,
     copy_adapter_weights,
-    default_targets,
     detach,
+    head_modules,
     match_targets,
     sites,
 )
@@ -226,7 +226,7 @@ class TenantBank:
     # -- internals -------------------------------------------------------------------------------------
     def _head_path(self) -> str:
         try:
-            paths = match_targets(self.model, default_targets("full", self.model))
+            paths = head_modules(self.model)
         except CotuneError as e:
             raise CotuneError(
                 f"this model has no known task-head module for a per-tenant head ({e}); load the base for "
@@ -239,8 +239,8 @@ class TenantBank:
     def _targets_head(self, cfg: AdapterConfig, head_path: str) -> bool:
         if cfg.family != "full":
             return False
-        targets = cfg.target_modules if cfg.target_modules is not None else default_targets("full", self.model)
         try:
+            targets = cfg.target_modules if cfg.target_modules is not None else head_modules(self.model)
             return head_path in match_targets(self.model, targets)
         except CotuneError:
             return False

@@ -47,7 +47,7 @@ def _check(cfg: TrainConfig) -> None:
 
 def _stream(task: Any, rows: list[Any], batch_size: int, seed: int) -> Iterator[dict]:
     """Collated batches of ``rows`` in a seeded order, epoch after epoch (the scheduler stops at max_steps)."""
-    from cotune.training.trainer import epoch_order
+    from cotune.tasks.order import epoch_order
 
     epoch = 0
     while True:

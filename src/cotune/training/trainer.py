@@ -28,7 +28,13 @@ import torch
 from torch import nn
 
 from cotune.adapters import attach, parameter_report, save_adapter, sites
-from cotune.adapters.attach import copy_adapter_weights, default_targets, format_parameter_report, match_targets
+from cotune.adapters.attach import (
+    copy_adapter_weights,
+    default_targets,
+    format_parameter_report,
+    head_modules,
+    match_targets,
+)
 from cotune.adapters.base import AdapterConfig
 from cotune.adapters.io import load_weights
 from cotune.adapters.methods import method_configs
@@ -122,8 +128,7 @@ def adapter_configs(model: nn.Module, cfg: TrainConfig) -> list[AdapterConfig]:
     if want == "false" or (want == "auto" and cfg.task.kind not in HEAD_TASKS):
         return configs
     try:
-        head_targets = default_targets("full", model)
-        heads = match_targets(model, head_targets)
+        heads = head_modules(model)
     except CotuneError as e:
         raise CotuneError(
             f"cannot find the classification head to train ({e}); set method.train_head=false, or add a "
@@ -133,7 +138,7 @@ def adapter_configs(model: nn.Module, cfg: TrainConfig) -> list[AdapterConfig]:
     # The head counts as covered when a config adapts it, a module inside it (a tensorized dense), or a parent.
     if any(p == h or p.startswith(h + ".") or h.startswith(p + ".") for p in covered for h in heads):
         return configs
-    return [*configs, make_config("full", target_modules=head_targets)]
+    return [*configs, make_config("full", target_modules=default_targets("full", model))]
 
 
 def check_model_available(spec: str) -> None:
