@@ -39,8 +39,9 @@ class GradientLearningEngine:
       Mergeable families only, and only deterministic ones: an adapter drawing in training mode (dropout,
       random pairings) is refused, since the merged forward cannot apply its draws. ``close()`` unmerges.
     * ``wire_dtype``: ``fp32`` or ``bf16`` for ``u`` and ``δ`` in transit; ``sufficient_statistic``:
-      ``auto`` ships ``Σ δ uᵀ`` instead of the pairs for adapters affine in ``u`` when smaller, ``always``
-      whenever possible, ``off`` never. Bytes shipped are in ``StepResult.stats``.
+      ``auto`` ships ``Σ δ uᵀ`` instead of the pairs for adapters affine in ``u`` when it is smaller and the
+      fitter is remote (process, ray: an in-memory fitter reads the pairs for free), ``always`` whenever
+      possible, ``off`` never. Bytes shipped are in ``StepResult.stats``.
     * ``timeout_s``: the longest the server waits for the fitter; ``max_bad_steps``: NaN/inf steps in a row
       before a ``CotuneError`` (each one is skipped with a logged warning).
     """
@@ -76,7 +77,7 @@ class GradientLearningEngine:
         self.traffic_total = 0
         self._closed = False
         statistic = {} if sufficient_statistic == "off" else {p: affine_in_u(ad) for p, ad in self.adapters.items()}
-        self.wire = Wire(wire_dtype, statistic, sufficient_statistic)
+        self.wire = Wire(wire_dtype, statistic, sufficient_statistic, remote=placement not in ("inline", "thread"))
         # The server trains nothing: adapters stay in the graph (differentiable in u) but need no gradient.
         for ad in self.adapters.values():
             ad.requires_grad_(False)
