@@ -46,7 +46,12 @@ def test_multitenant_benchmark_smoke(shared_data, tmp_path, capsys):
     assert math.isclose(runs["peft-seq"]["wall_s"], sum(j["wall_s"] for j in jobs))
     assert math.isclose(runs["peft-seq"]["median_step_s"], sum(j["median_step_s"] for j in jobs))
 
+    inter = row["interleaved"]  # the same runs' steps taken in turn in one process: the goal's ratio
+    assert list(inter) == ["cotune-gl", "peft-1job"] and inter["peft-1job"]["vs_one_peft"] == 1.0
+    assert all(len(r["step_s"]) == 2 and math.isfinite(r["vs_one_peft"]) for r in inter.values())
+
     table = res["table"]
+    assert "steps taken in turn" in table and "fresh process" in table
     assert "rows/s ÷ 1 PEFT job" in table and "peft-seq wall ÷ wall" in table and table in printed
     assert all(f"| {name}" in table for name in runs)
     assert (out / "throughput.png").stat().st_size > 0
