@@ -407,3 +407,33 @@ def test_micro_rows_chunks_whole_tenants_and_keeps_trajectories(data):
             assert all(r.updated for r in res.values())
         for t in tasks:
             assert_close_rel(bank.state_dict(t), reference_trajectory(t, init[t], data, optim, steps=steps)[-1])
+
+
+BAD_SPECS = [
+    (lambda: [make_config("lowrank", r=-3)], "r >= 1"),
+    (lambda: [make_config("lowrank", target_modules=["nosuchmodule"])], "nosuchmodule"),
+    (lambda: [make_config("cola", target_modules=["query"])], "rewrite the shared base"),
+    (lambda: ["no_such_family"], "unknown adapter family"),
+    (lambda: [make_config("lowrank", target_modules=["query"])], "head"),  # head=0
+]
+
+
+@pytest.mark.parametrize("engine", ["backprop", "gl"])
+def test_a_bad_tenant_spec_leaves_a_training_tenant_alone(data, engine):
+    """While A trains, every bad spec for B is refused; A ends bit for bit where it would have undisturbed."""
+    optim = OptimConfig(optimizer="adamw", lr=5e-3)
+    runs = {}
+    for disturbed in (False, True):
+        bank = make_bank({"sst2": 2})
+        trainer = MultiTenantTrainer(bank, engine=engine)
+        trainer.add("sst2", optim, output_loss)
+        for s in range(2):
+            trainer.step(mixed_batch({"sst2": 2}, data, s))
+            if disturbed:
+                for spec, message in BAD_SPECS:
+                    with pytest.raises(CotuneError, match=message):
+                        bank.add_tenant("b", spec(), head=0 if message == "head" else 2)
+                    assert "b" not in bank
+        runs[disturbed] = bank.state_dict("sst2")
+        assert all(p.requires_grad == (engine == "backprop") for p in bank.parameters("sst2").values())
+    assert_close_rel(runs[True], runs[False], rel=0.0)

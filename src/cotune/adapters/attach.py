@@ -115,9 +115,8 @@ def attach(
     sets = dict(adapter_sets(model))
     if name in sets:
         raise CotuneError(f"adapter set {name!r} already exists; detach it first or choose another name")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    # Resolve every target before changing anything, so a bad config leaves the model untouched.
+    # Resolve every target and build every adapter before changing anything (the freeze included), so a
+    # bad config leaves the model untouched: on a shared base, another tenant keeps training.
     plan: list[tuple[AdapterConfig, str]] = []
     for i, cfg in enumerate(configs):
         if cfg.target_modules is None:  # record the resolved default so the saved config is explicit
@@ -140,6 +139,8 @@ def attach(
             ad.to(device=ref.device if ref.device.type != "meta" else "meta", dtype=dtype)
         ad.train(model.training)  # follow the model's mode: an eval model must not get stochastic adapters
         built.append((path, ad, base))
+    for p in model.parameters():
+        p.requires_grad_(False)
     for path, ad, base in built:
         site = _wrap(model, path)
         ad.prepare_base(base)

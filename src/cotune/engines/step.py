@@ -59,10 +59,13 @@ def gradient_step(engines: Mapping[str, Any], forward: Callable[[], Losses]) -> 
                 reasons[name] = f"non-finite loss ({values[name]})"
                 continue
             if not loss.requires_grad:
-                raise CotuneError(
+                reasons[name] = (
                     f"adapter set {name!r}: the loss does not depend on its adapters; check that the forward "
                     "runs the model with that set active"
                 )
+                if len(engines) == 1:  # a single job's mistake: say so at once
+                    raise CotuneError(reasons[name])
+                continue  # one tenant's frozen adapters skip that tenant, not the batch
             term = loss * engines[name].scale
             total = term if total is None else total + term
         if total is not None:

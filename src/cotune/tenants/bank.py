@@ -126,7 +126,11 @@ class TenantBank:
             configs.append(get_family("full").config_cls(target_modules=[head_path]))
 
         flags = [(p, p.requires_grad) for t in self._tenants for p in self.parameters(t).values()]
-        attach(self.model, configs, name=tid, activate=False)  # validates everything before changing
+        try:
+            attach(self.model, configs, name=tid, activate=False)  # validates everything before changing
+        except Exception:
+            self._restore_flags(flags)  # a family's prepare_base may fail after attach froze the model
+            raise
         try:
             rewrites = sorted(p for p, s in sites(self.model).items() if tid in s.adapters and s.adapters[tid].changes_base())  # type: ignore[operator]
             if rewrites:  # detach() below restores the shared weights bit for bit
