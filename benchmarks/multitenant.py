@@ -103,6 +103,16 @@ def _timings(step_s: list[float], rows: int, first_step_at: float) -> dict[str, 
     }
 
 
+def _timed_steps(step, steps: int) -> list[float]:
+    """``step(i)`` for every step, each timed on its own."""
+    out = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        step(i)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def _cotune(tasks: list[str], steps: int, seq: int, engine: str, micro_rows: int | None = None):
     """The bank, trainer and prebuilt mixed batches of ``tasks``; ``step(i)`` trains on batch ``i``."""
     set_offline()
@@ -146,12 +156,8 @@ def cotune_job(
     import torch
 
     step, trainer, losses = _cotune(tasks, steps, seq, engine, micro_rows)
-    step_s = []
     first_step_at = time.time()
-    for i in range(steps):
-        t0 = time.perf_counter()
-        step(i)
-        step_s.append(time.perf_counter() - t0)
+    step_s = _timed_steps(step, steps)
     trainer.close()
     return {
         **_timings(step_s, ROWS * len(tasks), first_step_at),
@@ -199,12 +205,8 @@ def peft_job(task: str, steps: int, seq: int = SEQ, rows: int = ROWS) -> dict[st
     import torch
 
     step, losses = _peft(task, steps, seq, rows)
-    step_s = []
     first_step_at = time.time()
-    for i in range(steps):
-        t0 = time.perf_counter()
-        step(i)
-        step_s.append(time.perf_counter() - t0)
+    step_s = _timed_steps(step, steps)
     return {
         **_timings(step_s, rows, first_step_at),
         "task": task,

@@ -25,6 +25,16 @@ FORBID = {
 }
 
 
+def cross_package_imports():
+    """``(file, its package, line, the other package, imported names)`` for every import of another package."""
+    for f in sorted(ROOT.rglob("*.py")):
+        pkg = f.relative_to(ROOT).parts[0].removesuffix(".py")
+        for line, module, names in imports(f):
+            parts = module.split(".")
+            if parts[0] == "cotune" and len(parts) > 1 and parts[1] != pkg:
+                yield f.relative_to(ROOT), pkg, line, module, names
+
+
 def imports(path: Path) -> list[tuple[int, str, list[str]]]:
     """``(line, module, names)`` of every absolute import in the file."""
     out = []
@@ -37,13 +47,11 @@ def imports(path: Path) -> list[tuple[int, str, list[str]]]:
 
 
 def test_packages_import_downward_only():
-    bad = []
-    for f in sorted(ROOT.rglob("*.py")):
-        pkg = f.relative_to(ROOT).parts[0].removesuffix(".py")
-        for line, module, _ in imports(f):
-            parts = module.split(".")
-            if parts[0] == "cotune" and len(parts) > 1 and parts[1] in FORBID.get(pkg, ()):
-                bad.append(f"{f.relative_to(ROOT)}:{line}: {pkg} imports {module}")
+    bad = [
+        f"{f}:{line}: {pkg} imports {module}"
+        for f, pkg, line, module, _ in cross_package_imports()
+        if module.split(".")[1] in FORBID.get(pkg, ())
+    ]
     assert not bad, "\n".join(bad)
     assert len(list(ROOT.rglob("*.py"))) > 50  # the walk really saw the package
 
@@ -55,13 +63,9 @@ def test_the_contract_does_not_import_the_families():
 
 
 def test_no_private_name_crosses_a_package():
-    bad = []
-    for f in sorted(ROOT.rglob("*.py")):
-        pkg = f.relative_to(ROOT).parts[0].removesuffix(".py")
-        for line, module, names in imports(f):
-            parts = module.split(".")
-            other = parts[1] if parts[0] == "cotune" and len(parts) > 1 else None
-            private = [n for n in names if n.startswith("_") and n != "__version__"]
-            if other and other != pkg and private:
-                bad.append(f"{f.relative_to(ROOT)}:{line}: {private} from {module}")
+    bad = [
+        f"{f}:{line}: {[n for n in names if n.startswith('_')]} from {module}"
+        for f, _, line, module, names in cross_package_imports()
+        if any(n.startswith("_") and n != "__version__" for n in names)
+    ]
     assert not bad, "\n".join(bad)
