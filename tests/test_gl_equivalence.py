@@ -71,7 +71,7 @@ def test_a_narrowing_wire_is_caught(small, monkeypatch):
     """Put back the fp32 cast of the statistic path: the float64 check must fail, the fp32 one need not."""
     base, data = small
     real = wire._on_wire
-    monkeypatch.setattr(wire, "_on_wire", lambda t, dtype: real(t, dtype).float() if t.is_floating_point() else t)
+    monkeypatch.setattr(wire, "_on_wire", lambda t, dtype, copy=True: real(t, dtype, copy).float() if t.is_floating_point() else t)
     s = copy.deepcopy(SETTINGS)
     s.micro_batches, s.interval, s.dtypes, s.statistic = 6, 1, ("float64",), True
     results = verify.verify_family(base, "lowrank", data, s)

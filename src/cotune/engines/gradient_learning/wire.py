@@ -59,15 +59,16 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _on_wire(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Integer inputs (token ids at an embedding site) travel as they are; floats in the wire dtype. Always a
-    # fresh tensor, so a placement may move it to shared memory without touching the server's activations.
+def _on_wire(t: torch.Tensor, dtype: torch.dtype, copy: bool = True) -> torch.Tensor:
+    # Integer inputs (token ids at an embedding site) travel as they are; floats in the wire dtype. A fresh
+    # tensor for a remote fitter, so its placement may move it to shared memory without touching the server's
+    # activations; an in-memory fitter (``copy=False``) reads the server's own tensor where the dtype allows.
     # A float64 tensor (a model in double) is never narrowed by the fp32 wire: "fp32" means full precision.
     if not t.is_floating_point():
-        return t.detach().clone()
+        return t.detach().clone() if copy else t.detach()
     if t.dtype == torch.float64 and dtype == torch.float32:
         dtype = torch.float64
-    return t.detach().to(dtype, copy=True)
+    return t.detach().to(dtype, copy=copy)
 
 
 def site_widths(ad: Adapter) -> tuple[int, int]:
@@ -162,7 +163,8 @@ class Wire:
             msg = Statistic(rec.path, rec.call, _on_wire(d2.T @ u2, self.dtype), _on_wire(d2.sum(0), self.dtype))
             self.statistics += 1
         else:
-            msg = Pair(rec.path, rec.call, _on_wire(u, self.dtype), _on_wire(delta, self.dtype), rec.seed, rec.training)
+            u_, d_ = _on_wire(u, self.dtype, self.remote), _on_wire(delta, self.dtype, self.remote)
+            msg = Pair(rec.path, rec.call, u_, d_, rec.seed, rec.training)
             self.pairs += 1
         self.bytes += msg.nbytes
         return msg
