@@ -65,12 +65,9 @@ class Predictions:
         self._pending: list[PredictRequest] = []
         self._lock = threading.Lock()
         self.passes = 0
-        # set by the runner once the base model is loaded
-        self.bank: Any = None
-        self.tokenizer: Any = None
-        self.model_task: str | None = None
-        self.loaded: LoadedAdapters | None = None
-        self.active_workload: Any = None  # key -> the active job's workload, or None
+        #: the jobs on the loaded base (``service.jobs.Jobs``: its bank, tokenizer, loaded adapters), set by
+        #: the runner once the base model is loaded; requests only queue up before that
+        self.jobs: Any = None
 
     def put(self, req: PredictRequest) -> None:
         with self._lock:
@@ -81,21 +78,19 @@ class Predictions:
         return bool(self._pending)
 
     def _ensure_loaded(self, rec: JobRecord) -> Workload:
-        key = rec.key
-        active = self.active_workload(key)
-        if active is not None:
-            return active
-        assert self.loaded is not None
-        wl = self.loaded.get(key)
+        jobs, key = self.jobs, rec.key
+        if key in jobs.active:
+            return jobs.active[key].workload
+        wl = jobs.loaded.get(key)
         if wl is not None:
             return wl
         folder = self.store.adapter_dir(rec.id)
         if rec.status != SUCCEEDED or not folder.is_dir():
             raise CotuneError(f"job {rec.id} has no adapter yet (status {rec.status})")
-        wl = build_workload(rec.spec, None, self.tokenizer, self.bank.model, self.model_task,
+        wl = build_workload(rec.spec, None, jobs.tokenizer, jobs.bank.model, jobs.model_task,
                             self.store.job_dir(rec.id))
-        self.bank.add_tenant(key, Path(folder))
-        self.loaded.remember(key, wl)
+        jobs.bank.add_tenant(key, Path(folder))
+        jobs.loaded.remember(key, wl)
         return wl
 
     def serve(self) -> None:
@@ -114,7 +109,7 @@ class Predictions:
         if not ready:
             return
         try:
-            outs = predict_together(self.bank, [(r.job.key, wl, r.inputs, r.max_new_tokens)
+            outs = predict_together(self.jobs.bank, [(r.job.key, wl, r.inputs, r.max_new_tokens)
                                                 for r, wl in ready])
         except Exception as e:
             log.error("prediction pass failed:\n%s", traceback.format_exc())

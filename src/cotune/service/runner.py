@@ -133,8 +133,5 @@ class JobRunner:
         side = "left" if model_task == "causal_lm" else "right"
         mixer = MixedBatchScheduler(target_keys=("labels",), pad={"input_ids": int(tokenizer.pad_token_id or 0)},
                                     padding_side=side)
-        loaded = LoadedAdapters(bank)
-        self.jobs = Jobs(self.config, self.store, bank, trainer, mixer, tokenizer, model_task, loaded)
-        p = self.predictions
-        p.bank, p.tokenizer, p.model_task, p.loaded = bank, tokenizer, model_task, loaded
-        p.active_workload = lambda key: job.workload if (job := self.jobs.active.get(key)) else None  # type: ignore[union-attr]
+        self.jobs = Jobs(self.config, self.store, bank, trainer, mixer, tokenizer, model_task, LoadedAdapters(bank))
+        self.predictions.jobs = self.jobs
