@@ -36,12 +36,28 @@ def describe(e: BaseException) -> str:
     return str(e) if isinstance(e, CotuneError) else f"{type(e).__name__}: {e}"
 
 
-def gradient_step(engines: Mapping[str, Any], forward: Callable[[], Losses]) -> dict[str, StepResult]:
+def finish_all(engines: Mapping[str, Any], isolate: bool, *args_of: Callable[[str], Any]) -> dict[str, StepResult]:
+    """Each engine's ``finish(*(f(name) for f in args_of))``. ``isolate``: an engine's own failure (a dead
+    fitter, its bad-step guard) becomes its skipped step instead of stopping the others."""
+    out = {}
+    for name, e in engines.items():
+        try:
+            out[name] = e.finish(*(f(name) for f in args_of))
+        except Exception as exc:
+            if not isolate:
+                raise
+            out[name] = StepResult(math.nan, updated=False, skipped=True, reason=describe(exc))
+    return out
+
+
+def gradient_step(
+    engines: Mapping[str, Any], forward: Callable[[], Losses], isolate: bool = False
+) -> dict[str, StepResult]:
     """One forward (``forward()``: a loss per set) and one backward for gradient engines, then each update.
 
     A set whose loss failed or is non-finite contributes no gradient and its engine skips the micro-batch;
     the others are unaffected. An exception in the forward or the backward itself aborts every engine's
-    micro-batch and propagates.
+    micro-batch and propagates. ``isolate``: see ``finish_all``.
     """
     for e in engines.values():
         e.begin()
@@ -76,11 +92,14 @@ def gradient_step(engines: Mapping[str, Any], forward: Callable[[], Losses]) -> 
         for e in engines.values():
             e.abort()
         raise
-    return {name: e.finish(values.get(name, math.nan), reasons.get(name)) for name, e in engines.items()}
+    return finish_all(engines, isolate, lambda n: values.get(n, math.nan), reasons.get)
 
 
-def forward_step(engines: Mapping[str, Any], forward: Callable[[], dict[str, float]]) -> dict[str, StepResult]:
-    """Zeroth-order directions of every set at once: ``forward()`` is an inference forward, a loss per set."""
+def forward_step(
+    engines: Mapping[str, Any], forward: Callable[[], dict[str, float]], isolate: bool = False
+) -> dict[str, StepResult]:
+    """Zeroth-order directions of every set at once: ``forward()`` is an inference forward, a loss per set.
+    ``isolate``: see ``finish_all``."""
     seeds = {name: e.draw_seeds() for name, e in engines.items()}
     plus: dict[str, list[float]] = {name: [] for name in engines}
     minus: dict[str, list[float]] = {name: [] for name in engines}
@@ -101,7 +120,7 @@ def forward_step(engines: Mapping[str, Any], forward: Callable[[], dict[str, flo
         for name in movers:
             plus[name].append(up.get(name, math.nan))
             minus[name].append(down.get(name, math.nan))
-    return {name: e.finish(seeds[name], plus[name], minus[name]) for name, e in engines.items()}
+    return finish_all(engines, isolate, seeds.__getitem__, plus.__getitem__, minus.__getitem__)
 
 
 def rng_state() -> tuple[Any, torch.Tensor, list[torch.Tensor] | None]:

@@ -193,13 +193,15 @@ class TenantBank:
         tenant_ids: Sequence[str] | RowGroups,
         gather: bool | None = None,
         merged: dict[str, torch.Tensor] | None = None,
+        merged_tenants: dict[str, set[str]] | None = None,
     ) -> Iterator[TenantRouter]:
-        """While open, every site applies each row's own tenant adapter (``tenant_ids``: one per row)."""
+        """While open, every site applies each row's own tenant adapter (``tenant_ids``: one per row);
+        ``merged`` / ``merged_tenants``: collaborative merged mode (see ``TenantRouter``)."""
         groups = tenant_ids if isinstance(tenant_ids, RowGroups) else RowGroups.from_ids(tenant_ids)
         unknown = sorted({t for t, _ in groups.groups if t not in self._tenants})
         if unknown:
             raise CotuneError(f"rows name unknown tenant(s) {unknown}; tenants: {self.tenants or 'none'}")
-        router = TenantRouter(groups, gather=self.gather if gather is None else gather, merged=merged)
+        router = TenantRouter(groups, self.gather if gather is None else gather, merged, merged_tenants)
         all_sites = list(sites(self.model).values())
         previous = [s.router for s in all_sites]
         for s in all_sites:

@@ -163,11 +163,17 @@ class TenantRouter:
     tapped with ``(x, merged output)`` so that each still learns its own adapter.
     """
 
-    def __init__(self, groups: RowGroups, gather: bool = True, merged: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        groups: RowGroups,
+        gather: bool = True,
+        merged: dict[str, torch.Tensor] | None = None,
+        merged_tenants: dict[str, set[str]] | None = None,
+    ):
         self.groups = groups
         self.gather = gather
         self.merged = merged or {}
-        self.merged_tenants: dict[str, set[str]] = {}
+        self.merged_tenants = merged_tenants or {}
 
     # -- one site ----------------------------------------------------------------------------------
     def forward(self, site: AdaptedModule, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

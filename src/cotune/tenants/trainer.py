@@ -28,7 +28,7 @@ import torch
 from cotune.adapters.attach import sites
 from cotune.engines.base import ENGINES, Engine, OptimConfig, StepResult, make_engine
 from cotune.engines.gradient_learning.capture import refuse_stochastic_merge
-from cotune.engines.step import Losses, describe, forward_step, gradient_step
+from cotune.engines.step import Losses, forward_step, gradient_step
 from cotune.engines.update import check_loss
 from cotune.errors import CotuneError
 from cotune.tasks.losses import output_loss
@@ -66,7 +66,8 @@ class MultiTenantTrainer:
         micro_rows: int | None = None,
         **fitter_options: Any,
     ) -> None:
-        _check_engine(engine)
+        if engine not in ENGINES:  # add() would say so too; a bad default is refused here, before any tenant
+            raise CotuneError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
         if merged and engine != "gl":
             raise CotuneError("collaborative merged mode is a gradient-learning option: use engine='gl'")
         if micro_rows is not None and micro_rows < 1:
@@ -95,7 +96,6 @@ class MultiTenantTrainer:
         if tenant_id in self._members:
             raise CotuneError(f"tenant {tenant_id!r} is already being trained")
         engine = engine or self.engine
-        _check_engine(engine)
         if self.merged and engine != "gl":
             raise CotuneError("this trainer runs collaborative merged mode: every tenant must use engine='gl'")
         opts = {**(self.gl_options if engine == "gl" else {}), **options}
@@ -151,12 +151,11 @@ class MultiTenantTrainer:
         merged, covered = self._merged_deltas(chunk) if self.merged else ({}, {})
 
         def forward() -> Losses:
-            with torch.enable_grad(), self.bank.route(chunk.groups, gather=self.gather, merged=merged) as router:
-                router.merged_tenants = covered
+            with torch.enable_grad(), self.bank.route(chunk.groups, self.gather, merged, covered):
                 out = self.bank.model(**chunk.inputs)
             return self._losses(out, chunk)
 
-        return self._isolated(gradient_step, chunk, forward)
+        return gradient_step(self._engines(chunk), forward, isolate=True)
 
     def _forward_pass(self, sub: MixedBatch) -> dict[str, StepResult]:
         def forward() -> dict[str, float]:
@@ -165,12 +164,10 @@ class MultiTenantTrainer:
                 losses = self._losses(out, sub)
             return {t: math.nan if isinstance(v, Exception) else float(v) for t, v in losses.items()}
 
-        return self._isolated(forward_step, sub, forward)
+        return forward_step(self._engines(sub), forward, isolate=True)
 
-    def _isolated(self, run: Callable, batch: MixedBatch, forward: Callable) -> dict[str, StepResult]:
-        """``run`` the shared step; an engine's own failure (a dead fitter, its bad-step guard) is its skip."""
-        engines = {t: _Isolated(self._members[t].engine) for t in batch.tenants}
-        return run(engines, forward)
+    def _engines(self, batch: MixedBatch) -> dict[str, Engine]:
+        return {t: self._members[t].engine for t in batch.tenants}
 
     def _losses(self, out: Any, batch: MixedBatch) -> Losses:
         """Each tenant's mean loss over its rows (or why it has none: one tenant's bad data stops no other)."""
@@ -188,15 +185,18 @@ class MultiTenantTrainer:
         deltas: dict[str, torch.Tensor] = {}
         covered: dict[str, set[str]] = {}
         for path, site in sites(self.bank.model).items():
-            ads = {t: site.adapters[t] for t in batch.tenants if t in site.adapters}
-            ok = {t: ad for t, ad in ads.items() if ad.site == "parallel" and ad.delta_weight() is not None}
-            if not ok or not isinstance(site.base, torch.nn.Linear):
+            if not isinstance(site.base, torch.nn.Linear):
                 continue
-            for ad in ok.values():
-                refuse_stochastic_merge(path, ad)  # type: ignore[arg-type]
-            with torch.no_grad():
-                deltas[path] = torch.stack([ad.delta_weight() for ad in ok.values()]).mean(0)  # type: ignore[misc]
-            covered[path] = set(ok)
+            ads = {t: site.adapters[t] for t in batch.tenants if t in site.adapters}
+            with torch.no_grad():  # each ΔW formed once: it is both the test of mergeability and the term
+                dws = {t: ad.delta_weight() for t, ad in ads.items() if ad.site == "parallel"}  # type: ignore[operator]
+            dws = {t: dw for t, dw in dws.items() if dw is not None}
+            if not dws:
+                continue
+            for t in dws:
+                refuse_stochastic_merge(path, ads[t])  # type: ignore[arg-type]
+            deltas[path] = torch.stack(list(dws.values())).mean(0)
+            covered[path] = set(dws)
         return deltas, covered
 
     # -- state ---------------------------------------------------------------------------------------
@@ -216,24 +216,3 @@ class MultiTenantTrainer:
         """Stop the tenants' engines (fitter threads, processes, actors); idempotent."""
         for m in self._members.values():
             m.engine.close()
-
-
-class _Isolated:
-    """An engine whose ``finish`` reports its own failure as a skipped step instead of raising."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)
-
-    def finish(self, *args: Any) -> StepResult:
-        try:
-            return self.engine.finish(*args)  # type: ignore[attr-defined]
-        except Exception as e:
-            return StepResult(math.nan, updated=False, skipped=True, reason=describe(e))
-
-
-def _check_engine(name: str) -> None:
-    if name not in ENGINES:
-        raise CotuneError(f"unknown engine {name!r}; valid: {', '.join(ENGINES)}")
