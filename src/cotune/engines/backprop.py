@@ -9,7 +9,7 @@ from torch import nn
 from cotune.adapters.attach import active_set, trainable_parameters
 from cotune.engines.base import LossFn, OptimConfig, StepResult, make_optimizer, make_scheduler
 from cotune.engines.step import gradient_step
-from cotune.engines.update import BadStepGuard, apply_update, check_loss
+from cotune.engines.update import BadStepGuard, Window, apply_update, check_loss
 from cotune.errors import CotuneError
 
 
@@ -46,9 +46,8 @@ class BackpropEngine:
         self.optimizer = make_optimizer(self.params.items(), optim)
         self.scheduler = make_scheduler(self.optimizer, optim)
         self.grad_accum = grad_accum
-        self.micro = 0
-        self.good_micro = 0  # micro-batches of the current window that contributed a gradient
         self.guard = BadStepGuard(max_bad_steps, "backprop")
+        self.window = Window(grad_accum, self.guard)
 
     kind = "gradient"
 
@@ -71,19 +70,14 @@ class BackpropEngine:
     def abort(self) -> None:
         """The forward or backward failed: drop the half-accumulated window."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.micro = self.good_micro = 0
+        self.window.reset()
 
     def finish(self, value: float, reason: str | None = None) -> StepResult:
         """After the backward: count the micro-batch, and every ``grad_accum``-th one apply the update."""
-        self.micro += 1
         skipped = reason is not None
-        if skipped:
-            self.guard.bad(reason)
-        else:
-            self.good_micro += 1
-        if self.micro < self.grad_accum:
+        good = self.window.add(reason)
+        if good is None:
             return StepResult(value, updated=False, skipped=skipped, reason=reason)
-        self.micro, good, self.good_micro = 0, self.good_micro, 0
         if not good:  # every micro-batch of the window was skipped: nothing to apply
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(value, updated=False, skipped=True, reason=reason)
@@ -92,9 +86,7 @@ class BackpropEngine:
         )
         if not updated:
             reason = f"non-finite gradient (norm {norm})"
-            self.guard.bad(reason)
-        elif not skipped:
-            self.guard.good()
+        self.window.updated(updated, reason, skipped)
         stats = {"grad_norm": norm, "lr": self.optimizer.param_groups[0]["lr"]}
         return StepResult(value, updated=updated, skipped=skipped or not updated, stats=stats, reason=reason)
 
@@ -102,14 +94,14 @@ class BackpropEngine:
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "micro": self.micro,
+            "micro": self.window.micro,
             "guard": self.guard.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.micro = int(state.get("micro", 0))
+        self.window.micro = int(state.get("micro", 0))
         self.guard.load_state_dict(state.get("guard", {}))
 
     def close(self) -> None:

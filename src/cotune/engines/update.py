@@ -83,6 +83,41 @@ class BadStepGuard:
         self.in_a_row, self.total = int(state.get("in_a_row", 0)), int(state.get("total", 0))
 
 
+class Window:
+    """The micro-batches of one update (``grad_accum`` / the interval ``I``), counted for the bad-step guard.
+
+    Backprop and gradient learning share it, so both skip, count and close a window the same way.
+    """
+
+    def __init__(self, size: int, guard: BadStepGuard) -> None:
+        self.size, self.guard = size, guard
+        self.micro = 0
+        self.good = 0  # micro-batches of the open window that contributed a gradient
+
+    def add(self, reason: str | None) -> int | None:
+        """Count one micro-batch (``reason``: why it was skipped). ``None`` while the window stays open;
+        when it closes, how many of its micro-batches contributed (and the next window starts)."""
+        self.micro += 1
+        if reason is None:
+            self.good += 1
+        else:
+            self.guard.bad(reason)
+        if self.micro < self.size:
+            return None
+        good, self.micro, self.good = self.good, 0, 0
+        return good
+
+    def updated(self, ok: bool, reason: str | None, skipped: bool) -> None:
+        """The window's update ran: ``ok`` False (non-finite gradient, ``reason``) is a bad step."""
+        if not ok:
+            self.guard.bad(reason or "non-finite gradient")
+        elif not skipped:
+            self.guard.good()
+
+    def reset(self) -> None:
+        self.micro = self.good = 0
+
+
 def check_loss(loss: object, engine: str) -> torch.Tensor:
     """The loss as a scalar tensor, or a clear error naming what ``loss_fn`` returned instead."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

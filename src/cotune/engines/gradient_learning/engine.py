@@ -13,7 +13,7 @@ from cotune.engines.gradient_learning.capture import Capture, SiteRecord, refuse
 from cotune.engines.gradient_learning.placement import make_fitter
 from cotune.engines.gradient_learning.wire import Wire, affine_in_u
 from cotune.engines.step import gradient_step
-from cotune.engines.update import BadStepGuard, check_loss
+from cotune.engines.update import BadStepGuard, Window, check_loss
 from cotune.errors import CotuneError
 
 
@@ -71,9 +71,8 @@ class GradientLearningEngine:
             raise CotuneError("gradient learning: the model has no adapter set to train; attach one first")
         self.interval = interval
         self.merged = merged
-        self.micro = 0
-        self.good_micro = 0  # micro-batches of the current window that reached the fitter
         self.guard = BadStepGuard(max_bad_steps, "gradient learning")
+        self.window = Window(interval, self.guard)
         self.traffic_total = 0
         self._closed = False
         statistic = {} if sufficient_statistic == "off" else {p: affine_in_u(ad) for p, ad in self.adapters.items()}
@@ -130,7 +129,7 @@ class GradientLearningEngine:
     def abort(self) -> None:
         """The forward or backward failed: drop this window's pairs at the fitter."""
         self.capture.end()
-        self.micro = self.good_micro = 0
+        self.window.reset()
         self.wire.reset()
         try:
             self.fitter.discard()
@@ -141,18 +140,13 @@ class GradientLearningEngine:
         """After the backward (every pair is at the fitter): every ``interval``-th micro-batch, its update."""
         records = self.capture.end()
         skipped = reason is not None
-        self.micro += 1
         stats = self.wire.counters()
         stats["sites_without_delta"] = 0.0 if skipped else float(sum(r.delta is None for r in records))
         self.traffic_total += int(stats["wire_bytes"])
         self.wire.reset()
-        if skipped:
-            self.guard.bad(reason)
-        else:
-            self.good_micro += 1
-        if self.micro < self.interval:
+        good = self.window.add(reason)
+        if good is None:
             return StepResult(value, updated=False, skipped=skipped, stats=stats, reason=reason)
-        self.micro, good, self.good_micro = 0, self.good_micro, 0
         if not good:  # every micro-batch of the window was skipped: nothing to apply
             self.fitter.discard()
             return StepResult(value, updated=False, skipped=True, stats=stats, reason=reason)
@@ -160,9 +154,7 @@ class GradientLearningEngine:
         updated = bool(res["updated"])
         if not updated:
             reason = f"non-finite gradient (norm {res['grad_norm']})"
-            self.guard.bad(reason)
-        elif not skipped:
-            self.guard.good()
+        self.window.updated(updated, reason, skipped)
         if updated and self.merged:
             for site in self.capture.sites.values():
                 site.refresh_merge()
@@ -171,11 +163,11 @@ class GradientLearningEngine:
 
     # -- checkpoints and shutdown -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"fitter": self.fitter.state_dict(), "micro": self.micro, "guard": self.guard.state_dict()}
+        return {"fitter": self.fitter.state_dict(), "micro": self.window.micro, "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.fitter.load_state_dict(state["fitter"])
-        self.micro = int(state.get("micro", 0))
+        self.window.micro = int(state.get("micro", 0))
         self.guard.load_state_dict(state.get("guard", {}))
 
     def close(self) -> None:
