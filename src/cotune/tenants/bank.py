@@ -42,7 +42,7 @@ from cotune.adapters.io import load_weights, present_heads, read_adapter_config,
 from cotune.adapters.registry import get_family, make_config
 from cotune.adapters.site import io_widths
 from cotune.errors import CotuneError
-from cotune.tenants.routing import RowGroups, TenantRouter, take
+from cotune.tenants.routing import BASE, RowGroups, TenantRouter, take
 
 AdapterSpec = AdapterConfig | str | os.PathLike | Sequence[AdapterConfig | str]
 HeadSpec = int | nn.Module | None
@@ -195,10 +195,11 @@ class TenantBank:
         merged: dict[str, torch.Tensor] | None = None,
         merged_tenants: dict[str, set[str]] | None = None,
     ) -> Iterator[TenantRouter]:
-        """While open, every site applies each row's own tenant adapter (``tenant_ids``: one per row);
+        """While open, every site applies each row's own tenant adapter (``tenant_ids``: one per row; ``BASE``
+        rows get the frozen base model);
         ``merged`` / ``merged_tenants``: collaborative merged mode (see ``TenantRouter``)."""
         groups = tenant_ids if isinstance(tenant_ids, RowGroups) else RowGroups.from_ids(tenant_ids)
-        unknown = sorted({t for t, _ in groups.groups if t not in self._tenants})
+        unknown = sorted({t for t, _ in groups.groups if t not in self._tenants and t != BASE})
         if unknown:
             raise CotuneError(f"rows name unknown tenant(s) {unknown}; tenants: {self.tenants or 'none'}")
         router = TenantRouter(groups, self.gather if gather is None else gather, merged, merged_tenants)

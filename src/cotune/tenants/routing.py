@@ -36,6 +36,9 @@ from cotune.errors import CotuneError
 
 Rows = slice | torch.Tensor
 
+#: the tenant id of rows that run through the frozen base model alone (no tenant may take this id)
+BASE = ""
+
 
 @dataclass
 class RowGroups:
