@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from cotune.errors import CotuneError
+from cotune.tasks.order import epoch_order
 from cotune.training.checkpoint import list_checkpoints
 from cotune.training.config import MethodConfig, TrainConfig, config_from_dict, load_config
 from cotune.training.logging import read_log
-from cotune.training.trainer import adapter_configs, epoch_order, train
+from cotune.training.trainer import adapter_configs, train
 
 WEIGHTS = "adapter_model.safetensors"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

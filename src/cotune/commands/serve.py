@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where gradient-learning fitters run (ray needs the ray extra)")
     p.add_argument("--checkpoint-every", type=int, default=20, help="default checkpoint interval in steps")
     p.add_argument("--max-steps", type=int, default=100_000, help="largest step count a job may ask for")
+    p.add_argument("--max-new-tokens", type=int, default=1024,
+                   help="most tokens one generation request (/v1/completions, /v1/chat/completions) may ask for")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the training loop (default: torch's)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         root=args.root, model=args.model, host=args.host, port=args.port,
         max_upload_bytes=int(args.max_upload_mb * 2**20), data_roots=args.data_root, allow_hub=args.allow_hub,
         admin_token=args.admin_token, fitters=args.fitters, checkpoint_every=args.checkpoint_every,
-        max_steps=args.max_steps, torch_threads=args.threads,
+        max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, torch_threads=args.threads,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(config)

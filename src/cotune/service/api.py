@@ -1,4 +1,5 @@
-"""The HTTP API (FastAPI): tenants, uploads, jobs, metrics, adapter downloads and predictions.
+"""The HTTP API (FastAPI): tenants, uploads, jobs, metrics, adapter downloads, predictions and OpenAI-compatible
+generation.
 
 Every resource is looked up *with* the caller's tenant id, so another tenant's job, file or adapter is
 indistinguishable from one that does not exist (404). Uploads are stored under server-generated ids with a
@@ -23,14 +24,14 @@ from fastapi.responses import JSONResponse
 
 from cotune.errors import CotuneError
 from cotune.service.config import ServiceConfig
-from cotune.service.routes import adapters, files, health, jobs, predict, tenants
+from cotune.service.routes import adapters, files, health, jobs, openai, predict, tenants
 from cotune.service.routes.files import safe_label
 from cotune.service.store import Store
 
 __all__ = ["create_app", "safe_label"]
 
 #: Included in this order (the order of the OpenAPI document).
-ROUTERS = (health.router, tenants.router, files.router, jobs.router, adapters.router, predict.router)
+ROUTERS = (health.router, tenants.router, files.router, jobs.router, adapters.router, predict.router, openai.router)
 
 
 def create_app(config: ServiceConfig, store: Store | None = None, runner: Any = None) -> FastAPI:
@@ -59,6 +60,7 @@ def create_app(config: ServiceConfig, store: Store | None = None, runner: Any = 
     app.state.store, app.state.runner, app.state.config = store, runner, config
     app.add_exception_handler(CotuneError, _cotune_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(openai.OpenAIError, openai.openai_error)  # type: ignore[arg-type]
     for router in ROUTERS:
         app.include_router(router)
     return app
@@ -71,7 +73,14 @@ async def _cotune_error(request: Request, exc: CotuneError) -> JSONResponse:
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's own handler echoes the input, and a NaN or Infinity in it (Python's json module reads those
     # tokens) cannot be serialised: the client got a 500 in plain text instead of this 422.
-    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
+    errors = _json_safe(jsonable_encoder(exc.errors()))
+    if request.url.path.startswith(openai.PATHS):  # OpenAI answers a bad parameter with a 400 in its own shape
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in errors)
+        return JSONResponse(status_code=400, content={"error": {"message": message, "type": "invalid_request_error",
+                                                                "param": where, "code": None}})
+    return JSONResponse(status_code=422, content={"detail": errors})
 
 
 def _json_safe(value: Any) -> Any:

@@ -61,7 +61,8 @@ class Client:
             raise CotuneError(f"cannot reach the cotune server at {self.url} ({type(e).__name__}: {e})") from e
         if r.status_code >= 400:
             try:
-                detail = r.json().get("detail", r.text)
+                body = r.json()
+                detail = body.get("detail") or (body.get("error") or {}).get("message") or r.text  # ours or OpenAI's
             except ValueError:
                 detail = r.text
             raise ServiceError(r.status_code, detail if isinstance(detail, str) else str(detail))

@@ -34,8 +34,15 @@ class ServiceConfig:
     max_predict_inputs: int = 64
     max_predict_chars: int = 20_000
     predict_wait_s: float = 0.01  # how long the runner waits to gather predict requests of several tenants
+    max_new_tokens: int = 1024  # the most tokens one generation request may ask for
     max_active_jobs: int = 16
     torch_threads: int | None = None  # torch intra-op threads of the worker (None: torch's default)
+
+    @property
+    def model_id(self) -> str:
+        """The base model's public name (``model`` in the OpenAI routes): never a server path."""
+        p = Path(self.model).expanduser()
+        return p.name if p.exists() or os.sep in self.model else self.model
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).expanduser().resolve()

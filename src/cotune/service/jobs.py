@@ -104,7 +104,8 @@ class Jobs:
             job_dir = self.store.job_dir(rec.id)
             workload = build_workload(rec.spec, self._data_refs(rec), self.tokenizer, self.bank.model,
                                       self.model_task, job_dir)
-            torch.manual_seed(step_seed(int(rec.spec.get("seed", 0)), -1))  # the initial weights follow the seed
+            # the initial weights follow the seed as in ``cotune train`` (seeded, then attached): same job, same start
+            torch.manual_seed(int(rec.spec.get("seed", 0)))
             self.bank.add_tenant(key, workload.adapter_configs, head=workload.head)
             try:
                 step, trainer_state = 0, None
@@ -133,6 +134,22 @@ class Jobs:
             self.store.truncate_metrics(rec.id, step)  # those steps are repeated from the checkpoint
         self.store.update_job(rec.id, **fields)
         log.info("job %s %s at step %d/%d", rec.id, "resumed" if step else "started", step, rec.total_steps)
+
+    def workload_for(self, rec: JobRecord) -> Workload:
+        """The workload of a running or finished job, its adapter loaded in the bank (finished: from its folder)."""
+        key = rec.key
+        if key in self.active:
+            return self.active[key].workload
+        wl = self.loaded.get(key)
+        if wl is not None:
+            return wl
+        folder = self.store.adapter_dir(rec.id)
+        if rec.status != SUCCEEDED or not folder.is_dir():
+            raise CotuneError(f"job {rec.id} has no adapter yet (status {rec.status})")
+        wl = build_workload(rec.spec, None, self.tokenizer, self.bank.model, self.model_task, self.store.job_dir(rec.id))
+        self.bank.add_tenant(key, folder)
+        self.loaded.remember(key, wl)
+        return wl
 
     def _data_refs(self, rec: JobRecord) -> dict[str, Any]:
         """The job's data references made concrete: uploaded file ids become their server paths."""

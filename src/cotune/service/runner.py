@@ -2,8 +2,9 @@
 
 Its loop, repeated until ``stop``:
 
-1. answer every pending prediction in one routed pass across tenants (``predictions.Predictions``), so a
-   prediction waits at most one training step;
+1. answer every pending prediction in one routed pass across tenants (``predictions.Predictions``) and
+   decode every pending generation request in one batched loop (``generations.Generations``), so a request
+   waits at most one training step;
 2. pick up newly submitted jobs, resuming each from its last checkpoint, and drop cancelled ones
    (``jobs.Jobs.sync``);
 3. train one round: one mixed step of every active job, whatever its engine (``jobs.Jobs.round``).
@@ -23,6 +24,7 @@ import torch
 
 from cotune.errors import CotuneError
 from cotune.service.config import ServiceConfig
+from cotune.service.generations import GenerateRequest, Generations
 from cotune.service.jobs import Jobs
 from cotune.service.predictions import LoadedAdapters, Predictions, PredictRequest, predict_together
 from cotune.service.store import JobRecord, Store
@@ -40,6 +42,7 @@ class JobRunner:
         self.config = config
         self.store = store
         self.predictions = Predictions(config, store)
+        self.generations = Generations(config, store)
         self.jobs: Jobs | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -70,7 +73,7 @@ class JobRunner:
         return {
             "ready": self._ready.is_set(), "error": self.error,
             "active_jobs": len(self.jobs.active) if self.jobs else 0, "rounds": self.jobs.rounds if self.jobs else 0,
-            "predict_passes": self.predictions.passes, "engine": "tenants.MultiTenantTrainer",
+            "predict_passes": self.predictions.passes, "generate_passes": self.generations.passes, "engine": "tenants.MultiTenantTrainer",
             "fitters": self.config.fitters,
         }
 
@@ -84,6 +87,14 @@ class JobRunner:
         self._wake.set()
         return req.future
 
+    def submit_generate(self, req: GenerateRequest) -> None:
+        """Queue a generation request; it hears its events through ``req.emit`` (see ``generations``)."""
+        if self.error:
+            req.emit(("error", CotuneError(f"the service failed to start: {self.error}")))
+            return
+        self.generations.put(req)
+        self._wake.set()
+
     # -- the worker thread -----------------------------------------------------------------------------------
     def _main(self) -> None:
         try:
@@ -92,6 +103,7 @@ class JobRunner:
             self.error = f"{type(e).__name__}: {e}"
             log.error("cannot load the base model: %s", self.error)
             self.predictions.fail_pending(f"the service failed to start: {self.error}")
+            self.generations.fail_pending(f"the service failed to start: {self.error}")
             return
         jobs = self.jobs
         assert jobs is not None
@@ -100,17 +112,19 @@ class JobRunner:
         last_sync = time.monotonic()
         while not self._stop.is_set():
             self.predictions.serve()
+            self.generations.serve()
             if self._wake.is_set() or time.monotonic() - last_sync > 1.0:
                 self._wake.clear()
                 jobs.sync()
                 last_sync = time.monotonic()
             if not jobs.active:
-                if not self.predictions.pending:
+                if not (self.predictions.pending or self.generations.pending):
                     self._wake.wait(0.5)
                 continue
             jobs.round()
         jobs.checkpoint_all()
         self.predictions.fail_pending()
+        self.generations.fail_pending()
 
     def _load_base(self) -> None:
         from cotune.models import load_model, load_tokenizer
@@ -130,8 +144,7 @@ class JobRunner:
         # One trainer for every job, whatever its engine: each round is one mixed step (one base forward and
         # backward for the backprop and gl jobs, shared inference forwards for the zo jobs).
         trainer = MultiTenantTrainer(bank, placement="ray" if self.config.fitters == "ray" else "inline")
-        side = "left" if model_task == "causal_lm" else "right"
-        mixer = MixedBatchScheduler(target_keys=("labels",), pad={"input_ids": int(tokenizer.pad_token_id or 0)},
-                                    padding_side=side)
+        # Right padding for every task: a causal LM's positions then stay those of each row alone.
+        mixer = MixedBatchScheduler(target_keys=("labels",), pad={"input_ids": int(tokenizer.pad_token_id or 0)})
         self.jobs = Jobs(self.config, self.store, bank, trainer, mixer, tokenizer, model_task, LoadedAdapters(bank))
-        self.predictions.jobs = self.jobs
+        self.predictions.jobs = self.generations.jobs = self.jobs

@@ -51,7 +51,8 @@ class OptimSpec(Strict):
 class JobSpec(Strict):
     """A training job: which task on which data, which adapter method, which engine, how long."""
 
-    task: str = Field(default="seq_cls", description="task kind for cotune.tasks.make_task (seq_cls, causal_lm, ...)")
+    task: str | None = Field(default=None, description="seq_cls on an encoder server, causal_lm on a causal-LM "
+                             "server (the default: the one the server's base model trains)")
     task_options: dict[str, Any] = Field(default_factory=dict, description="e.g. num_labels, text columns")
     train: DataRef
     eval: DataRef | None = None
@@ -109,3 +110,44 @@ class Metric(BaseModel):
     name: str
     value: float
     time: float
+
+
+# -- the OpenAI-compatible generation routes (fields as in OpenAI's API; others a client may send are ignored) --
+class OpenAIBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ChatMessage(OpenAIBody):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]] = Field(description="text, or OpenAI content parts (text parts are read)")
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+
+
+class SamplingSpec(OpenAIBody):
+    model: str = Field(min_length=1, description="a job id (its adapter) or the base model's name")
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+
+    def stops(self) -> list[str]:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 4:
+            raise ValueError("stop takes at most 4 sequences")
+        return stop
+
+
+class ChatCompletionRequest(SamplingSpec):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="the newer name of max_tokens")
+
+
+class CompletionRequest(SamplingSpec):
+    prompt: str | list[str] = Field(description="one prompt (a list of one is accepted)")

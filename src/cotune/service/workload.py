@@ -18,22 +18,29 @@ from torch import nn
 
 from cotune.errors import CotuneError
 from cotune.service.store import atomic_write_json
-from cotune.tasks.order import stream_batch
+from cotune.tasks.order import step_rows
 
-#: task kinds the service trains (the base model is loaded once, with a sequence-classification head)
-SERVICE_TASKS = ("seq_cls",)
+#: the task kinds a server trains, by how its base model is loaded (``model_task_for``): an encoder is loaded
+#: with a sequence-classification head (each job gets its own head), a causal LM with its LM head (shared)
+SERVICE_TASKS = {"seq_cls": ("seq_cls",), "causal_lm": ("causal_lm",)}
 #: ``task_options`` a job may pass to ``make_task`` (nothing that names server paths or objects)
 ALLOWED_TASK_OPTIONS = (
     "labels", "text_key", "text_pair_key", "label_key", "encoding", "regression", "on_bad_row", "max_rows",
-    "val_fraction", "test_fraction", "num_labels", "metric",
+    "val_fraction", "test_fraction", "num_labels", "metric", "system", "chat_template", "prompt_format",
+    "max_new_tokens",
 )
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(:[A-Za-z0-9._-]+)?$")
 META = "meta.json"
 
 
 def model_task_for(model: str) -> str:
-    """How the shared base model is loaded: every service task so far is sequence classification."""
-    return "seq_cls"
+    """How the shared base model is loaded: ``causal_lm`` for a decoder with an LM head, else ``seq_cls``."""
+    import transformers
+
+    from cotune.models import resolve
+
+    archs = transformers.AutoConfig.from_pretrained(resolve(model)).architectures or []
+    return "causal_lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "seq_cls"
 
 
 def check_task_options(options: dict[str, Any]) -> None:
@@ -58,19 +65,21 @@ def hub_dataset(name: str, split: str | None, options: dict[str, Any]) -> Any:
 class Workload:
     """A job's task, rows, adapter configs and head, plus its deterministic batch order.
 
-    ``batch(step)`` depends only on (seed, step): row ``p = step·B + j`` of the endless stream is row
-    ``perm_e[p mod n]`` of epoch ``e = p // n``, with ``perm_e = epoch_order(n, seed, e)``, the trainer's order
-    (``cotune.tasks.order.stream_batch``).
+    ``batch(step)`` depends only on (seed, step) and is the batch ``cotune train`` takes at that step
+    (``cotune.tasks.order.step_rows``); the data is split into train / validation as ``cotune train`` splits it
+    (by the task's own seed option, not the job's).
     """
 
     def __init__(self, spec: dict[str, Any], data: dict[str, Any] | None, tokenizer: Any, model: nn.Module,
-                 job_dir: Path) -> None:
+                 model_task: str, job_dir: Path) -> None:
         from cotune.adapters.methods import method_configs
 
         self.spec = spec
-        self.kind = spec.get("task", "seq_cls")
-        if self.kind not in SERVICE_TASKS:
-            raise CotuneError(f"task {self.kind!r} is not served yet; the service trains: {', '.join(SERVICE_TASKS)}")
+        self.kind = spec.get("task") or model_task
+        if self.kind not in SERVICE_TASKS[model_task]:
+            what = "a causal LM" if model_task == "causal_lm" else "an encoder"
+            raise CotuneError(f"task {self.kind!r} cannot be trained on this server: its base model is {what}, "
+                              f"which trains task {' or '.join(SERVICE_TASKS[model_task])}")
         options = dict(spec.get("task_options") or {})
         check_task_options(options)
         self.tokenizer = tokenizer
@@ -88,13 +97,16 @@ class Workload:
             meta = self._load_data(data, options, job_dir)
         self.label_names: list[str] | None = meta["label_names"]
         self.regression: bool = meta["regression"]
-        self.num_labels: int = meta["num_labels"]
-        self.head = self.num_labels
+        self.num_labels: int | None = meta["num_labels"]
+        #: a classification job's own fresh head; a causal-LM job shares the base's LM head
+        self.head = self.num_labels if self.kind == "seq_cls" else None
+        #: the system message its chat requests get when they bring none (the job's own training prompt)
+        self.system: str | None = options.get("system")
 
     def _load_data(self, data: dict[str, Any], options: dict[str, Any], job_dir: Path) -> dict[str, Any]:
         from cotune.tasks.base import make_task
 
-        common = {"tokenizer": self.tokenizer, "max_length": self.max_length, "seed": self.seed}
+        common = {"tokenizer": self.tokenizer, "max_length": self.max_length}
         train_ref = data["train"]
         source = hub_dataset(train_ref["hub"], train_ref.get("split"), options) if train_ref.get("hub") else train_ref["path"]
         self.task = make_task(self.kind, source, **common, **options)
@@ -105,16 +117,19 @@ class Workload:
             ref = data["eval"]
             src = hub_dataset(ref["hub"], ref.get("split"), options) if ref.get("hub") else ref["path"]
             # every row of a separate evaluation file is used: no carving
-            ev = make_task(self.kind, src, **common, **{**options, "val_fraction": 0.0, "test_fraction": 0.0,
-                                                        "labels": self.task.label_names})
+            same = {"labels": self.task.label_names} if self.kind == "seq_cls" else {}  # the training file's classes
+            ev = make_task(self.kind, src, **common, **{**options, "val_fraction": 0.0, "test_fraction": 0.0, **same})
             self.eval_rows = ev.load("validation" if ref.get("hub") else "train").rows
         else:
             try:
                 self.eval_rows = self.task.load("validation").rows
             except CotuneError:
                 self.eval_rows = []
-        meta = {"label_names": self.task.label_names, "regression": bool(self.task.regression),
-                "num_labels": int(self.task.num_labels), "task": self.kind, "train_rows": len(self.train_rows),
+        classifies = self.kind == "seq_cls"
+        meta = {"label_names": self.task.label_names if classifies else None,
+                "regression": bool(self.task.regression) if classifies else False,
+                "num_labels": int(self.task.num_labels) if classifies else None, "task": self.kind,
+                "train_rows": len(self.train_rows),
                 "eval_rows": len(self.eval_rows), "source": self.task.name}
         atomic_write_json(job_dir / META, meta)
         return meta
@@ -122,7 +137,7 @@ class Workload:
     # -- training ------------------------------------------------------------------------------------------------
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The collated rows of training step ``step`` (replayable after a restart)."""
-        idx = stream_batch(len(self.train_rows), self.batch_size, self.seed, step)
+        idx = step_rows(len(self.train_rows), self.batch_size, self.seed, step)
         return self.task.collate([self.train_rows[i] for i in idx])
 
     @property
@@ -133,7 +148,10 @@ class Workload:
         return {k: float(v) for k, v in self.task.evaluate(model, self.eval_rows).items()}
 
     # -- predictions --------------------------------------------------------------------------------------------
-    predicts_labels = True
+    @property
+    def predicts_labels(self) -> bool:
+        """Classification (``predict``); a causal-LM job generates (``/v1/completions``) instead."""
+        return self.kind == "seq_cls"
 
     def encode_for_predict(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length or self.max_length,
@@ -152,11 +170,8 @@ class Workload:
             out.append({"label": name, "label_id": i, "scores": [round(x, 6) for x in row]})
         return out
 
-    def generate(self, bank: Any, key: str, inputs: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
-        raise CotuneError(f"task {self.kind!r} does not generate text")
-
 
 def build_workload(spec: dict[str, Any], data: dict[str, Any] | None, tokenizer: Any, model: nn.Module,
-                   model_task: str | None, job_dir: Path) -> Workload:
+                   model_task: str, job_dir: Path) -> Workload:
     """The job's workload; ``data=None`` rebuilds a finished job's for predictions from its ``meta.json``."""
-    return Workload(spec, data, tokenizer, model, job_dir)
+    return Workload(spec, data, tokenizer, model, model_task, job_dir)

@@ -165,15 +165,7 @@ class CausalLMTask(TaskBase):
         return self.tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
 
     def _ids(self, text: str) -> list[int]:
-        tok = self.tokenizer
-        bos = tok.bos_token
-        add = not (bos and text.startswith(bos))
-        ids = tok(text, add_special_tokens=add)["input_ids"]
-        if add and ids and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id and not text.endswith(
-            tok.eos_token or "\0"
-        ):
-            ids = ids[:-1]  # tokenizers that append EOS by default: the prompt must not end the sequence
-        return list(ids)
+        return prompt_ids(self.tokenizer, text)
 
     def encode(self, row: dict) -> tuple[list[int], list[int]]:
         """(input ids, labels) of one row; labels are -100 on the prompt tokens."""
@@ -237,10 +229,8 @@ class CausalLMTask(TaskBase):
         tok = self.tokenizer
         self._ensure_pad(tok)
         dev = model_device(model)
-        eos = {tok.eos_token_id} | _as_set(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
-        eos.discard(None)
         cfg = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                               eos_token_id=sorted(eos) or None)
+                               eos_token_id=sorted(stop_token_ids(model, tok)) or None)
         texts: list[str] = []
         with eval_mode(model):
             for chunk in batches(rows, batch_size, desc="generate"):
@@ -282,6 +272,26 @@ class CausalLMTask(TaskBase):
                 preds = self.generate(model, [first for first, _ in groups.values()], gen_bs)
                 out["rouge_l"] = M.rouge_l(preds, [refs for _, refs in groups.values()])
         return self.check_metrics(out)
+
+
+def prompt_ids(tok: Any, text: str) -> list[int]:
+    """Token ids of a prompt: the tokenizer's begin token added unless the text (a chat template) has it, and
+    never an end token that a tokenizer appends by default (the prompt must not end the sequence)."""
+    bos = tok.bos_token
+    add = not (bos and text.startswith(bos))
+    ids = tok(text, add_special_tokens=add)["input_ids"]
+    if add and ids and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id and not text.endswith(
+        tok.eos_token or "\0"
+    ):
+        ids = ids[:-1]
+    return list(ids)
+
+
+def stop_token_ids(model: nn.Module, tok: Any) -> set[int]:
+    """The tokens that end an answer: the tokenizer's end token and the model's generation-config ones."""
+    eos = {tok.eos_token_id} | _as_set(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    eos.discard(None)
+    return eos
 
 
 def _as_set(x: Any) -> set:

@@ -38,4 +38,6 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def output_loss(logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loss a tenant trains with by default: next-token for per-token logits, classification otherwise."""
     labels = targets["labels"]
-    return next_token_loss(logits, labels) if logits.dim() == 3 else classification_loss(logits, labels)
+    if logits.dim() == 3:  # a mixed batch is padded on the right to its longest row: the tenant's own length
+        return next_token_loss(logits[:, : labels.shape[1]], labels)
+    return classification_loss(logits, labels)

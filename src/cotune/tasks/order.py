@@ -6,6 +6,8 @@ checkpoint recomputes exactly the batches it would have seen, with no RNG state 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -14,12 +16,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def stream_batch(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Row indices of batch ``step`` when the epochs follow each other without a break.
+def step_rows(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Row indices of 0-based training step ``step``: epochs of ``ceil(n / batch_size)`` steps, the last batch of
+    an epoch holding what is left, each epoch in its own ``epoch_order``."""
+    epoch, pos = divmod(step, -(-n // batch_size))
+    return _order(n, seed, epoch)[pos * batch_size : (pos + 1) * batch_size]
 
-    Position ``p = step·batch_size + j`` of the stream is row ``epoch_order(n, seed, p // n)[p % n]``, so a batch
-    may end one epoch and start the next (or span several when ``n < batch_size``).
-    """
-    first, stop = step * batch_size, (step + 1) * batch_size
-    orders = {e: epoch_order(n, seed, e) for e in range(first // n, (stop - 1) // n + 1)}
-    return [int(orders[p // n][p % n]) for p in range(first, stop)]
+
+@functools.lru_cache(maxsize=4)
+def _order(n: int, seed: int, epoch: int) -> np.ndarray:
+    order = epoch_order(n, seed, epoch)
+    order.flags.writeable = False  # shared by every step of the epoch
+    return order

@@ -41,7 +41,7 @@ from cotune.adapters.methods import method_configs
 from cotune.adapters.registry import make_config
 from cotune.engines.base import make_engine
 from cotune.errors import CotuneError
-from cotune.tasks.order import epoch_order
+from cotune.tasks.order import step_rows
 from cotune.tasks.progress import progress
 from cotune.training.checkpoint import (
     TrainerState,
@@ -212,7 +212,6 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.state = TrainerState()
         self.engine: Any = None
-        self._order: tuple[int, np.ndarray] | None = None
 
     def say(self, msg: str) -> None:
         if self.verbose:
@@ -341,10 +340,7 @@ class Trainer:
     # -- pieces of the loop ----------------------------------------------------------------------------------
     def batch_rows(self, step: int) -> list[Any]:
         """The rows of 0-based ``step`` (a pure function of seed, epoch and position)."""
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.train_rows), self.cfg.seed, epoch))
-        idx = self._order[1][pos * self.cfg.batch_size : (pos + 1) * self.cfg.batch_size]
+        idx = step_rows(len(self.train_rows), self.cfg.batch_size, self.cfg.seed, step)
         return [self.train_rows[i] for i in idx]
 
     def evaluate(self, rows: Sequence[Any], limit: int | None) -> dict[str, float]:

@@ -36,10 +36,15 @@ ConfigDep = Annotated[ServiceConfig, Depends(get_config)]
 RunnerDep = Annotated[Any, Depends(get_runner)]
 
 
+def tenant_of(store: Store, authorization: str | None) -> str | None:
+    """The tenant id of an ``Authorization: Bearer <token>`` header (``None``: missing, malformed or wrong)."""
+    token = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
+    return verify_token(store, token)
+
+
 def current_tenant(store: StoreDep, authorization: Annotated[str | None, Header()] = None) -> str:
     """The tenant id of the request's bearer token (401 when missing, malformed or wrong)."""
-    token = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
-    tid = verify_token(store, token)
+    tid = tenant_of(store, authorization)
     if tid is None:
         raise HTTPException(401, "missing or invalid token: send 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})
