@@ -8,6 +8,8 @@ holds (links to) ``examples/``, as a user at the repository root would type it, 
 * training and evaluation are shortened by *appending* overrides (``TINY``, ``--limit``): later keys win, so
   the command as written is still what is parsed and run, only for a few steps.
 
+The LLM service walkthrough (its ``sh`` and ``py`` blocks) needs a running server: ``test_service_llm.py`` runs it.
+
 A number written in a command's comment (``# 599,232 (AdaKron, BERT-base)``) must appear in its output.
 """
 

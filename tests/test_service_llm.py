@@ -7,6 +7,8 @@ What is proven here (one SmolLM2-135M-Instruct server subprocess, real Alpaca ro
   loretta_adp/zo), then asked concurrently through the real ``openai`` client: each answer equals the same
   request asked alone, and the lowrank tenant's equals Hugging Face ``generate`` on its adapter loaded by PEFT;
 * streaming (server-sent events) gives the same text as the plain answer; ``/v1/completions``, ``/v1/models``;
+* the README's walkthrough (``sh`` and ``py`` blocks of its LLM section) runs as written against this server,
+  with the job shortened by appended flags;
 * isolation and errors in OpenAI's shape: another tenant's model is 404, a bad key 401, ``max_tokens`` over the
   limit or past the context window 400; a chat file with an empty assistant turn fails its job naming the row.
 """
@@ -14,7 +16,13 @@ What is proven here (one SmolLM2-135M-Instruct server subprocess, real Alpaca ro
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,6 +34,8 @@ from cotune.service.client import Client
 from cotune.service.launch import ServerProcess
 
 openai = pytest.importorskip("openai")
+
+REPO = Path(__file__).resolve().parents[1]
 
 JOB = {"task": "causal_lm", "steps": 4, "batch_size": 2, "max_length": 64, "seed": 3,
        "task_options": {"max_new_tokens": 8}, "optim": {"lr": 2e-3}}
@@ -44,9 +54,10 @@ def chat_rows(shared_data, n: int = 40, offset: int = 0) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("llm") / "root"
-    with ServerProcess(root, ["--threads", "1", "--max-new-tokens", "9000"], model="smollm2") as srv:
+    args = ["--threads", "1", "--max-new-tokens", "9000", "--data-root", str(shared_data / "instruct")]
+    with ServerProcess(root, args, model="smollm2") as srv:
         yield srv
 
 
@@ -127,10 +138,13 @@ def test_openai_client_mixed_tenants_equal_each_alone_and_peft(server, tenants, 
     assert alone["alice"] == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def test_streaming_completions_and_models(server, tenants):
+def test_streaming_completions_models_and_chat_command(server, tenants, tmp_path):
     c, _, st = tenants["bob"]
     api = oai(server, c)
     plain = ask(api, st["id"])
+    out = cotune("chat", "--server", server.url, "--model", st["id"], "--token", c.token, "--prompt",
+                 QUESTION[0]["content"], "--max-new-tokens", "8", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == plain.strip(), out.stderr
     chunks = list(api.chat.completions.create(model=st["id"], messages=QUESTION, max_tokens=8, temperature=0,
                                               stream=True))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == plain
@@ -175,3 +189,43 @@ def test_isolation_and_errors_in_openai_shape(server, tenants, shared_data):
     st = ca.wait(ca.submit({**JOB, "train": {"file_id": f["id"]}})["id"], timeout=120)
     assert st["status"] == "failed" and "empty assistant turn" in st["error"] and "2" in st["error"]
     assert ask(api, sa["id"]) == ask(api, sa["id"])  # the failed job touched nothing of the others
+
+
+def test_readme_walkthrough_runs_as_written(server):
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## LLM fine-tuning as a service") : text.index("## How it fits together")]
+    serve, steps = re.findall(r"^```sh\n(.*?)^```", section, flags=re.S | re.M)
+    (example,) = re.findall(r"^```py\n(.*?)^```", section, flags=re.S | re.M)
+    assert serve.startswith("cotune serve --model smollm2 ")  # the server this module runs
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    values: dict[str, str] = {}
+
+    def fill(line: str) -> str:
+        for k, v in values.items():
+            line = line.replace(f"<{k}>", v)
+        return line.replace("http://127.0.0.1:8000", server.url)
+
+    env["COTUNE_URL"] = server.url
+    out = None
+    for line in filter(None, (ln.strip() for ln in steps.splitlines())):
+        line = fill(line)
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].partition("=")
+            env[key] = value
+            continue
+        args = shlex.split(line)
+        if args[1:3] == ["client", "submit"]:
+            args += ["--steps", "3", "--batch-size", "2", "--max-length", "64"]  # later flags win: a short job
+        out = subprocess.run([sys.executable, "-m", "cotune", *args[1:]], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=900)
+        assert out.returncode == 0, (line, out.stdout, out.stderr, server.log_tail())
+        if args[1:3] == ["client", "register"]:
+            values["token"] = json.loads(out.stdout)["token"]
+        if args[1:3] == ["client", "submit"]:
+            values["job"] = json.loads(out.stdout)["id"]
+    assert out is not None and out.stdout.strip()  # the chat answered
+    run = subprocess.run([sys.executable, "-c", fill(example)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    listed, answer = run.stdout.split("\n", 1)
+    assert "'smollm2'" in listed and values["job"] in listed and answer.strip()

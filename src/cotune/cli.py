@@ -17,7 +17,7 @@ COMMANDS = {
     "train": "train from a YAML config with key=value overrides",
     "eval": "evaluate a saved adapter on a data set",
     "export": "merge an adapter into its base and save a full transformers model",
-    "chat": "talk to a causal LM with a trained adapter (streamed; --prompt for one answer)",
+    "chat": "talk to a causal LM with a trained adapter, local (--adapter) or on a server (--server); streamed",
     "verify": "check gradient learning against backprop for every adapter family",
     "serve": "run the fine-tuning-as-a-service HTTP server",
     "client": "talk to a cotune server (register, submit, status, download, predict)",

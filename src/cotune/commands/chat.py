@@ -1,10 +1,18 @@
-"""``cotune chat --adapter DIR [--prompt TEXT]``: talk to a causal LM with a trained adapter, output streamed.
+"""``cotune chat``: talk to a causal LM with a trained adapter, output streamed.
+
+Two places the model can be:
+
+* ``--adapter DIR``: a local adapter folder, loaded here on its base model. The base model comes from the
+  run's ``config.yaml`` beside the adapter, else from ``base_model_name_or_path`` in ``adapter_config.json``,
+  else ``--model``.
+* ``--server URL --model JOB``: a job (its finished adapter, or a running job's latest weights) or the base model
+  on a ``cotune serve`` server, through its OpenAI-compatible ``/v1/chat/completions`` (streamed), with the
+  tenant's token from ``--token`` or ``$COTUNE_TOKEN``.
 
 Without ``--prompt`` it reads one user turn per line from stdin (a terminal or a pipe) and keeps the dialogue
 (``/reset`` forgets it, ``/exit`` or end of input stops); with ``--prompt`` it answers once and exits. Turns go
 through the tokenizer's chat template when it has one (SmolLM2-Instruct), else the prompt is the text itself.
-Decoding is greedy unless ``--temperature`` is above 0. The base model comes from the run's ``config.yaml``
-beside the adapter, else from ``base_model_name_or_path`` in ``adapter_config.json``, else ``--model``.
+Decoding is greedy unless ``--temperature`` is above 0.
 """
 
 from __future__ import annotations
@@ -17,8 +25,12 @@ from cotune.errors import CotuneError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True, help="adapter folder of a causal LM (RUN/adapter or a PEFT LoRA folder)")
-    p.add_argument("--model", help="base model (default: the run's config / the adapter's base_model_name_or_path)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--adapter", help="adapter folder of a causal LM (RUN/adapter or a PEFT LoRA folder)")
+    where.add_argument("--server", metavar="URL", help="a cotune server (e.g. http://127.0.0.1:8000): chat with --model")
+    p.add_argument("--model", help="with --adapter: the base model (default: the run's config / the adapter's "
+                   "base_model_name_or_path); with --server: a job id, or the server's base model name")
+    p.add_argument("--token", default=None, help="with --server: the tenant's token (default $COTUNE_TOKEN)")
     p.add_argument("--prompt", help="answer this one message and exit (default: read messages from stdin)")
     p.add_argument("--system", help="system message (default: the run's task.options.system, if any)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (default 256)")
@@ -80,37 +92,80 @@ def reply(model: Any, tok: Any, messages: list[dict], max_new_tokens: int, tempe
     import torch
     from transformers import TextStreamer
 
+    from cotune.tasks.causal_lm import prompt_ids, stop_token_ids
+
     if getattr(tok, "chat_template", None) is not None:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
         text = "\n".join(m["content"] for m in messages if m["role"] != "system") + "\n"
-    bos = tok.bos_token
-    enc = tok(text, add_special_tokens=not (bos and text.startswith(bos)), return_tensors="pt")
-    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+    ids = torch.tensor([prompt_ids(tok, text)], device=next(model.parameters()).device)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     sample = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    eos = {tok.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
-    eos.discard(None)
     with torch.no_grad():
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=sorted(eos) or None, streamer=streamer, **sample)
-    return tok.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop_token_ids(model, tok)) or None,
+                             streamer=streamer, **sample)
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def _as_list(x: Any) -> list:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, list | tuple | set) else [x]
+def remote_reply(url: str, token: str, model: str, messages: list[dict], max_new_tokens: int,
+                 temperature: float) -> str:
+    """The server's answer to ``messages`` from ``/v1/chat/completions``, its stream printed as it comes."""
+    import json
+
+    import httpx
+
+    body = {"model": model, "messages": messages, "max_tokens": max_new_tokens, "temperature": temperature,
+            "stream": True}
+    parts: list[str] = []
+    try:
+        with httpx.stream("POST", url.rstrip("/") + "/v1/chat/completions", json=body, timeout=600,
+                          headers={"Authorization": f"Bearer {token}"}) as r:
+            if r.status_code >= 400:
+                r.read()
+                try:
+                    reason = r.json()["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    reason = r.text
+                raise CotuneError(f"the server answered {r.status_code}: {reason}")
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise CotuneError(f"the server failed mid-answer: {event['error']['message']}")
+                delta = event["choices"][0]["delta"].get("content") or ""
+                print(delta, end="", flush=True)
+                parts.append(delta)
+    except httpx.TransportError as e:
+        raise CotuneError(f"cannot reach the cotune server at {url} ({type(e).__name__}: {e})") from e
+    print(flush=True)
+    return "".join(parts).strip()
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise CotuneError("--max-new-tokens must be >= 1")
-    model, tok, options = load_chat_model(args.adapter, args.model, args.device)
+    if args.server:
+        import os
+
+        token = args.token or os.environ.get("COTUNE_TOKEN")
+        if not token or not args.model:
+            raise CotuneError("cotune chat --server needs --model JOB (a job id or the base model's name) and a token "
+                              "(--token or COTUNE_TOKEN)")
+        options: dict = {}  # the server adds the job's own system prompt
+
+        def answer(messages: list[dict]) -> str:
+            return remote_reply(args.server, token, args.model, messages, args.max_new_tokens, args.temperature)
+    else:
+        model, tok, options = load_chat_model(args.adapter, args.model, args.device)
+
+        def answer(messages: list[dict]) -> str:
+            return reply(model, tok, messages, args.max_new_tokens, args.temperature)
     system = args.system if args.system is not None else options.get("system")
     start = [{"role": "system", "content": system}] if system else []
     if args.prompt is not None:
-        reply(model, tok, [*start, {"role": "user", "content": args.prompt}], args.max_new_tokens, args.temperature)
+        answer([*start, {"role": "user", "content": args.prompt}])
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
@@ -131,5 +186,4 @@ def run(args: argparse.Namespace) -> int:
             history = list(start)
             continue
         history.append({"role": "user", "content": text})
-        history.append({"role": "assistant", "content": reply(model, tok, history, args.max_new_tokens,
-                                                                 args.temperature)})
+        history.append({"role": "assistant", "content": answer(history)})

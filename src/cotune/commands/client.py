@@ -29,13 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--train-file", help="upload this file and train on it")
     s.add_argument("--file-id", help="train on an already uploaded file")
     s.add_argument("--data-path", help="train on a path under one of the server's data roots")
-    s.add_argument("--task", default="seq_cls")
+    s.add_argument("--task", default=None, help="seq_cls or causal_lm (default: what the server's base model trains)")
     s.add_argument("--method", default="lowrank")
     s.add_argument("--engine", default="backprop", choices=("backprop", "gl", "zo"))
     s.add_argument("--steps", type=int, default=100)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--max-length", type=int, default=128)
     s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--wait", action="store_true", help="wait until the job finishes")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="adapter options, e.g. r=8 lora_alpha=16")
     st = sub.add_parser("status", help="a job's status (all jobs without an id)")
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                     train = {"file_id": args.file_id}
                 else:
                     train = {"path": args.data_path}
-                spec = {"task": args.task, "train": train, "method": args.method, "engine": args.engine,
+                spec = {"train": train, "seed": args.seed, **({"task": args.task} if args.task else {}), "method": args.method, "engine": args.engine,
                         "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
                         "optim": {"lr": args.lr}, "adapter": parse_overrides(args.overrides)}
             job = c.submit(spec)
