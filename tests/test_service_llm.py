@@ -10,7 +10,8 @@ What is proven here (one SmolLM2-135M-Instruct server subprocess, real Alpaca ro
 * the README's walkthrough (``sh`` and ``py`` blocks of its LLM section) runs as written against this server,
   with the job shortened by appended flags;
 * isolation and errors in OpenAI's shape: another tenant's model is 404, a bad key 401, ``max_tokens`` over the
-  limit or past the context window 400; a chat file with an empty assistant turn fails its job naming the row.
+  limit or past the context window 400; a chat file with an empty assistant turn fails its job naming the line
+  and the upload's name (never a server path); rows longer than ``max_length`` are counted in the job's metrics.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def test_service_job_equals_cotune_train(tenants, shared_data, tmp_path):
         torch.testing.assert_close(served[k], trained[k], atol=1e-6, rtol=0)
         moved = max(moved, float(served[k].abs().max()))
     assert moved > 0  # the adapters trained (B left zero)
+    assert 0 < st["result"]["truncated_rows"] <= 32  # Alpaca answers are longer than 64 tokens: counted, and cut
+    assert any(m["name"] == "truncated_rows" and m["step"] == 0 for m in c.metrics(st["id"]))
 
 
 def test_openai_client_mixed_tenants_equal_each_alone_and_peft(server, tenants, tmp_path):
@@ -187,7 +190,8 @@ def test_isolation_and_errors_in_openai_shape(server, tenants, shared_data):
     rows[1] = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]})
     f = ca.upload_bytes(("\n".join(rows) + "\n").encode(), "bad.jsonl")
     st = ca.wait(ca.submit({**JOB, "train": {"file_id": f["id"]}})["id"], timeout=120)
-    assert st["status"] == "failed" and "empty assistant turn" in st["error"] and "2" in st["error"]
+    assert st["status"] == "failed" and "line 2: turn 2: empty assistant turn" in st["error"]
+    assert "uploaded file 'bad.jsonl'" in st["error"] and str(server.root.resolve()) not in st["error"]
     assert ask(api, sa["id"]) == ask(api, sa["id"])  # the failed job touched nothing of the others
 
 

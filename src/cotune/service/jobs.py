@@ -124,6 +124,10 @@ class Jobs:
         except Exception as e:
             self._fail(rec, e)
             return
+        if workload.truncated_rows:
+            self.store.add_metrics(rec.id, 0, {"truncated_rows": workload.truncated_rows})
+            log.warning("job %s: %d training rows are longer than max_length=%d and are cut", rec.id,
+                        workload.truncated_rows, workload.max_length)
         every = rec.spec.get("checkpoint_every") or self.config.checkpoint_every
         self.active[key] = ActiveJob(rec, key, workload, step, every)
         fields: dict[str, Any] = {"status": RUNNING, "step": step}
@@ -258,7 +262,8 @@ class Jobs:
     def _finish(self, job: ActiveJob) -> None:
         from cotune.adapters.attach import set_active
 
-        result: dict[str, Any] = {"train_loss": job.last_loss, "skipped_steps": job.skipped}
+        result: dict[str, Any] = {"train_loss": job.last_loss, "skipped_steps": job.skipped,
+                                  "truncated_rows": job.workload.truncated_rows}
         if job.workload.has_eval:
             set_active(self.bank.model, job.key)
             try:
@@ -295,6 +300,12 @@ class Jobs:
 
     def _fail(self, rec: JobRecord, e: Exception) -> None:
         reason = str(e) if isinstance(e, CotuneError) else f"{type(e).__name__}: {e}"
+        for name in ("train", "eval"):  # the tenant knows its upload by its name, not by where the server keeps it
+            ref = rec.spec.get(name) or {}
+            f = self.store.get_file(ref["file_id"], rec.tenant_id) if ref.get("file_id") else None
+            if f is not None:
+                reason = reason.replace(str(self.store.file_path(f.id, f.ext)), f"uploaded file {f.filename!r}")
+        reason = reason.replace(str(self.store.root), "<server>")
         if not isinstance(e, CotuneError):
             log.error("job %s failed:\n%s", rec.id, traceback.format_exc())
         self.store.update_job(rec.id, status=FAILED, error=reason[:2000], finished=time.time())

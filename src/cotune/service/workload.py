@@ -100,6 +100,8 @@ class Workload:
         self.num_labels: int | None = meta["num_labels"]
         #: a classification job's own fresh head; a causal-LM job shares the base's LM head
         self.head = self.num_labels if self.kind == "seq_cls" else None
+        #: training rows longer than ``max_length`` (cut by the task: the answer keeps at least half)
+        self.truncated_rows: int = int(meta.get("truncated_rows", 0))
         #: the system message its chat requests get when they bring none (the job's own training prompt)
         self.system: str | None = options.get("system")
 
@@ -126,10 +128,11 @@ class Workload:
             except CotuneError:
                 self.eval_rows = []
         classifies = self.kind == "seq_cls"
+        overlong = 0 if classifies else self.task.overlong(self.train_rows)
         meta = {"label_names": self.task.label_names if classifies else None,
                 "regression": bool(self.task.regression) if classifies else False,
                 "num_labels": int(self.task.num_labels) if classifies else None, "task": self.kind,
-                "train_rows": len(self.train_rows),
+                "train_rows": len(self.train_rows), "truncated_rows": overlong,
                 "eval_rows": len(self.eval_rows), "source": self.task.name}
         atomic_write_json(job_dir / META, meta)
         return meta

@@ -140,7 +140,7 @@ class CausalLMTask(TaskBase):
             done = head + turn
         return [(t, lab) for t, lab in pieces if t]
 
-    def _encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+    def _encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int], list[int]]:
         tok = self.tokenizer
         ids: list[list[int]] = []
         labels: list[list[int]] = []
@@ -150,14 +150,7 @@ class CausalLMTask(TaskBase):
             labels.append(part if learn else [IGNORE] * len(part))
         p = [t for part in ids[:-1] for t in part]
         lp = [t for part in labels[:-1] for t in part]
-        a = ids[-1]  # the last assistant turn
-        L = self.max_length
-        if len(p) + len(a) > L:
-            keep_a = min(len(a), max(L - len(p), L // 2))
-            a = a[:keep_a]
-            cut = len(p) - (L - keep_a) if L - keep_a > 0 else len(p)
-            p, lp = p[cut:], lp[cut:]
-        return p + a, lp + a
+        return p, lp, ids[-1]  # the last assistant turn is the answer that keeps its room
 
     def _chat_prompt(self, messages: list[dict]) -> str:
         msgs = self._chat_messages(messages)
@@ -168,7 +161,18 @@ class CausalLMTask(TaskBase):
         return prompt_ids(self.tokenizer, text)
 
     def encode(self, row: dict) -> tuple[list[int], list[int]]:
-        """(input ids, labels) of one row; labels are -100 on the prompt tokens."""
+        """(input ids, labels) of one row, cut to ``max_length``; labels are -100 on the prompt tokens."""
+        p, lp, a = self.encode_full(row)
+        L = self.max_length
+        if len(p) + len(a) > L:  # the answer keeps at least half, the prompt loses its start
+            keep_a = min(len(a), max(L - len(p), L // 2))
+            a = a[:keep_a]
+            cut = len(p) - (L - keep_a) if L - keep_a > 0 else len(p)
+            p, lp = p[cut:], lp[cut:]
+        return p + a, lp + a
+
+    def encode_full(self, row: dict) -> tuple[list[int], list[int], list[int]]:
+        """(prompt ids, prompt labels, answer ids) of one row, not cut."""
         tok = self.tokenizer
         if row.get("messages"):
             return self._encode_chat(row["messages"])
@@ -179,12 +183,11 @@ class CausalLMTask(TaskBase):
             a.append(tok.eos_token_id)
         if not a:
             raise CotuneError(f"empty answer in row {row!r}")
-        L = self.max_length
-        if len(p) + len(a) > L:
-            keep_a = min(len(a), max(L - len(p), L // 2))
-            a = a[:keep_a]
-            p = p[len(p) - (L - keep_a) :] if L - keep_a > 0 else []
-        return p + a, [IGNORE] * len(p) + a
+        return p, [IGNORE] * len(p), a
+
+    def overlong(self, rows: list[dict]) -> int:
+        """How many of ``rows`` are longer than ``max_length`` tokens (``encode`` cuts them)."""
+        return sum(len(p) + len(a) > self.max_length for p, _, a in map(self.encode_full, rows))
 
     def prompt_ids(self, row: dict) -> list[int]:
         prompt = self._chat_prompt(row["messages"]) if row.get("messages") else self.render(row)[0]
