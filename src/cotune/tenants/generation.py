@@ -25,6 +25,7 @@ import torch
 
 from cotune.errors import CotuneError
 from cotune.tenants.bank import TenantBank
+from cotune.tenants.routing import RowGroups
 
 
 @dataclass
@@ -79,10 +80,9 @@ def decode(bank: TenantBank, requests: Sequence[DecodeRequest], pad_id: int) -> 
     extra["cache" if "cache" in params else "past_key_values"] = cache  # transformers >= 5.24 renamed it
     live = list(range(n))  # the requests whose rows are in the batch, in row order
     inputs, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
-    with torch.inference_mode():
+    with torch.inference_mode(), bank.route([requests[i].tenant for i in live]) as router:
         while live:
-            with bank.route([requests[i].tenant for i in live]):
-                out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+            out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
             logits = out.logits[:, -1].float()
             keep, nxt = [], []
             for row, i in enumerate(live):
@@ -106,6 +106,7 @@ def decode(bank: TenantBank, requests: Sequence[DecodeRequest], pad_id: int) -> 
                 cache.batch_select_indices(rows)
                 mask, positions = mask[rows], positions[rows]
                 live = [live[k] for k in keep]
+                router.groups = RowGroups.from_ids([requests[i].tenant for i in live])
             inputs = torch.tensor(nxt, dtype=torch.long, device=dev).unsqueeze(1)
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
             positions = positions[:, -1:] + 1

@@ -112,7 +112,7 @@ def assemble(
                 if base is None:
                     raise CotuneError("internal: rows without a piece and no base output")
                 parts.append(_pad_last(base[rows], width))
-        return torch.cat(parts, dim=0)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # one tenant: its piece, not a copy
     if base is not None:
         out = _pad_last(base, width)
     else:
