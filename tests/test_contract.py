@@ -35,7 +35,7 @@ from cotune.adapters import (
     trainable_parameters,
     unmerge,
 )
-from cotune.adapters.attach import copy_adapter_weights
+from cotune.adapters.attach import adapter_sets, copy_adapter_weights, planned_parameters
 from cotune.commands import verify
 from cotune.engines import OptimConfig, make_engine
 from cotune.engines.zeroth_order import zo_direction
@@ -90,6 +90,19 @@ def plain(
     if init is not None:
         copy_adapter_weights(model, init, "solo")
     return model.eval()
+
+
+@pytest.mark.parametrize("family", families())
+def test_planned_parameters_count_what_attach_builds(base, family):
+    model = copy.deepcopy(base)
+    cfgs = configs(family, model)
+    planned = planned_parameters(model, cfgs)  # on the meta device: the model stays as it was
+    assert not adapter_sets(model)
+    attach(model, cfgs, name="x")
+    built = trainable_parameters(model, "x")
+    assert sum(planned.values()) == sum(p.numel() for p in built.values()) > 0
+    for path, n in planned.items():  # site by site
+        assert n == sum(p.numel() for k, p in built.items() if k.startswith(path + ".")), path
 
 
 @pytest.mark.parametrize("family", families())

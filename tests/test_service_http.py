@@ -7,6 +7,9 @@ What is proven here:
 * every endpoint refuses another tenant's jobs, files and adapters (404) and requests without a valid token (401);
 * upload limits (413), path-escaping names, bad file types, server paths outside the data roots, and a
   malformed data file (the job fails with a readable reason; the server keeps serving);
+* adapters above a layer's width or the server's parameter limit are refused before anything is built, and a
+  one-class training file trains with a warning in the job's metrics and result;
+* deleting jobs, adapters and files frees their storage; a rotated token replaces the old one at once;
 * the OpenAPI schema lists the endpoints; the ``cotune client`` command talks to the server.
 """
 
@@ -40,7 +43,7 @@ def sst2_rows(shared_data, n: int = 64, offset: int = 0) -> bytes:
 def server(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("svc") / "root"
     args = ["--threads", "1", "--max-upload-mb", "0.05", "--data-root", str(shared_data / "glue" / "SST-2"),
-            "--checkpoint-every", "3"]
+            "--checkpoint-every", "3", "--max-adapter-params", "1000000"]
     with ServerProcess(root, args) as srv:
         yield srv
 
@@ -106,6 +109,7 @@ def test_flow_and_downloaded_adapter_matches_peft(alice, tmp_path):
     folder = c.download(st["id"], tmp_path / "adapter")
     cfg = json.loads((folder / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["modules_to_save"] == ["classifier"]
+    assert cfg["base_model_name_or_path"] == "minilm"  # the public name, not where the server keeps it
     single = c.request("GET", f"/v1/jobs/{st['id']}/adapter/adapter_model.safetensors").content
     assert single == (folder / "adapter_model.safetensors").read_bytes()
     preds = c.predict(st["id"], TEXTS)
@@ -279,3 +283,57 @@ def test_zip_download_has_exactly_the_two_files(alice):
     c, _, st = alice
     data = c.request("GET", f"/v1/jobs/{st['id']}/adapter").content
     assert sorted(zipfile.ZipFile(io.BytesIO(data)).namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_oversized_adapters_are_refused_before_anything_is_built(server, alice):
+    c, f, st = alice
+    wide = c.wait(c.submit({"train": {"file_id": f["id"]}, **TINY, "adapter": {"r": 100000}})["id"], timeout=60)
+    assert wide["status"] == "failed" and "above the width 384" in wide["error"], wide["error"]
+    big = c.wait(c.submit({"train": {"file_id": f["id"]}, **TINY, "method": "mlp", "adapter": {}})["id"], timeout=60)
+    assert big["status"] == "failed" and "at most 1,000,000" in big["error"], big["error"]
+    assert c.predict(st["id"], ["still serving"])[0]["label"] in ("0", "1")
+
+
+def test_one_class_training_data_is_flagged(server, alice, shared_data):
+    c, _, _ = alice
+    lines = (shared_data / "glue" / "SST-2" / "train.tsv").read_text().splitlines()
+    ones = [ln for ln in lines[1:200] if ln.endswith("\t1")][:20]
+    f = c.upload_bytes(("\n".join([lines[0], *ones]) + "\n").encode(), "ones.tsv")
+    st = c.wait(c.submit({"train": {"file_id": f["id"]}, **TINY, "steps": 2})["id"], timeout=120)
+    assert st["status"] == "succeeded" and "one class" in " ".join(st["result"]["warnings"])
+    assert {"name": "warning_one_class", "step": 0, "value": 1.0} in [
+        {k: m[k] for k in ("name", "step", "value")} for m in c.metrics(st["id"])]
+
+
+def test_delete_jobs_adapters_and_files_and_rotate_the_token(server, shared_data):
+    c = Client(server.url)
+    c.register("dora")
+    f = c.upload_bytes(sst2_rows(shared_data, n=16), "d.tsv")
+    running = c.submit({"train": {"file_id": f["id"]}, **TINY, "steps": 500})
+    with pytest.raises(ServiceError) as e:
+        c.delete_job(running["id"])
+    assert e.value.status == 409 and "cancel it first" in str(e.value)
+    c.cancel(running["id"])
+    done = c.wait(c.submit({"train": {"file_id": f["id"]}, **TINY, "steps": 2})["id"], timeout=120)
+    assert c.predict(done["id"], ["fine"])  # loads its adapter into the bank
+    c.delete_adapter(done["id"])
+    with pytest.raises(ServiceError) as e:
+        c.download(done["id"], server.root.parent / "gone")
+    assert e.value.status == 409 and c.status(done["id"])["status"] == "succeeded"
+    for job in (done["id"], running["id"]):
+        c.delete_job(job)
+        with pytest.raises(ServiceError) as e:
+            c.status(job)
+        assert e.value.status == 404
+        assert not (server.root / "jobs" / job).exists()
+    c.delete_file(f["id"])
+    assert c.files() == [] and not (server.root / "files" / f["id"]).exists()
+    old = c.token
+    new = c.rotate_token()
+    assert new != old and c.me()["name"] == "dora"
+    with pytest.raises(ServiceError) as e:
+        Client(server.url, old).me()
+    assert e.value.status == 401
+    r = httpx.post(server.url + f"/v1/tenants/{c.me()['tenant_id']}/revoke")
+    assert r.status_code == 403  # this server has no admin token: nobody may revoke
+    c.close()

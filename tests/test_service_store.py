@@ -77,3 +77,45 @@ def test_checkpoint_latest_survives_a_torn_write(tmp_path):
     assert opt_state["optimizer"]["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
     checkpoints.save(tmp_path, model, "t", {"optimizer": opt.state_dict()}, {"step": 6})
     assert checkpoints.latest(tmp_path).name == "ckpt-6" and not (tmp_path / "ckpt-3").exists()
+
+
+def test_an_upload_killed_before_it_was_recorded_leaves_nothing(tmp_path):
+    store = Store(tmp_path)
+    a, _ = issue_token(store, "a")
+    kept, torn = new_id(), new_id()
+    store.add_file(FileRecord(kept, a, "x.tsv", ".tsv", 3, "0" * 64, 0.0))
+    store.file_path(kept, ".tsv").parent.mkdir(parents=True)
+    store.file_path(kept, ".tsv").write_text("a\tb")
+    (store.files_dir / torn).mkdir()  # the folder of an upload killed before its record
+    (store.files_dir / torn / ".data.tsv.1234.tmp").write_text("half")
+    store.close()
+    store = Store(tmp_path)
+    assert not (store.files_dir / torn).exists() and store.file_path(kept, ".tsv").read_text() == "a\tb"
+
+
+class _IdleRunner:
+    """A runner stand-in: the tenant routes never reach the training loop."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def test_registration_is_closed_unless_opened_and_admins_revoke(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from cotune.service.api import create_app
+    from cotune.service.config import ServiceConfig
+
+    with TestClient(create_app(ServiceConfig(tmp_path / "closed"), runner=_IdleRunner())) as closed:
+        r = closed.post("/v1/tenants", json={"name": "eve"})
+        assert r.status_code == 403 and "--open-registration" in r.json()["detail"]
+    admin = ServiceConfig(tmp_path / "admin", admin_token="s3cret")
+    with TestClient(create_app(admin, runner=_IdleRunner())) as app:
+        assert app.post("/v1/tenants", json={"name": "eve"}).status_code == 403
+        made = app.post("/v1/tenants", json={"name": "eve"}, headers={"X-Admin-Token": "s3cret"}).json()
+        auth = {"Authorization": f"Bearer {made['token']}"}
+        assert app.get("/v1/tenants/me", headers=auth).status_code == 200
+        assert app.post(f"/v1/tenants/{made['tenant_id']}/revoke", headers={"X-Admin-Token": "nope"}).status_code == 403
+        assert app.post(f"/v1/tenants/{made['tenant_id']}/revoke", headers={"X-Admin-Token": "s3cret"}).status_code == 204
+        assert app.get("/v1/tenants/me", headers=auth).status_code == 401

@@ -117,19 +117,9 @@ def attach(
         raise CotuneError(f"adapter set {name!r} already exists; detach it first or choose another name")
     # Resolve every target and build every adapter before changing anything (the freeze included), so a
     # bad config leaves the model untouched: on a shared base, another tenant keeps training.
-    plan: list[tuple[AdapterConfig, str]] = []
-    for i, cfg in enumerate(configs):
-        if cfg.target_modules is None:  # record the resolved default so the saved config is explicit
-            configs[i] = cfg = dataclasses.replace(cfg, target_modules=default_targets(cfg.family, model))
-        plan += [(cfg, path) for path in match_targets(model, cfg.target_modules)]
-    paths = [p for _, p in plan]
-    dup = sorted({p for p in paths if paths.count(p) > 1})
-    if dup:
-        raise CotuneError(f"adapter set {name!r} puts two adapters on {dup}; make target_modules disjoint")
+    plan = _plan(model, configs, name)
     built: list[tuple[str, Adapter, nn.Module]] = []
-    for cfg, path in plan:
-        mod = model.get_submodule(path)
-        base = mod.base if isinstance(mod, AdaptedModule) else mod
+    for cfg, path, base in plan:
         d_in, d_out = io_widths(base)
         ad = get_family(cfg.family).adapter_cls(cfg, d_in, d_out, base)
         ref = next((t for t in base.parameters()), None)
@@ -152,6 +142,37 @@ def attach(
     if activate:
         set_active(model, name)
     return model
+
+
+def _plan(model: nn.Module, configs: list[AdapterConfig], name: str) -> list[tuple[AdapterConfig, str, nn.Module]]:
+    """``(config, site path, base module)`` of every adapter the set puts on ``model``; resolves each config's
+    default targets in ``configs`` (so the saved config is explicit) and refuses two adapters on one module."""
+    plan: list[tuple[AdapterConfig, str]] = []
+    for i, cfg in enumerate(configs):
+        if cfg.target_modules is None:
+            configs[i] = cfg = dataclasses.replace(cfg, target_modules=default_targets(cfg.family, model))
+        plan += [(cfg, path) for path in match_targets(model, cfg.target_modules)]
+    paths = [p for _, p in plan]
+    dup = sorted({p for p in paths if paths.count(p) > 1})
+    if dup:
+        raise CotuneError(f"adapter set {name!r} puts two adapters on {dup}; make target_modules disjoint")
+    out = []
+    for cfg, path in plan:
+        mod = model.get_submodule(path)
+        out.append((cfg, path, mod.base if isinstance(mod, AdaptedModule) else mod))
+    return out
+
+
+def planned_parameters(model: nn.Module, configs: Sequence[AdapterConfig]) -> dict[str, int]:
+    """``{site path: parameters}`` that attaching ``configs`` would add, built on the meta device: nothing is
+    allocated and the model is not changed (a size limit can be checked before anything is built for real)."""
+    out: dict[str, int] = {}
+    for cfg, path, base in _plan(model, list(configs), "planned"):
+        d_in, d_out = io_widths(base)
+        with torch.device("meta"):
+            ad = get_family(cfg.family).adapter_cls(cfg, d_in, d_out, base)
+        out[path] = sum(p.numel() for p in ad.parameters())
+    return out
 
 
 def set_active(model: nn.Module, name: str | None) -> None:

@@ -104,11 +104,15 @@ def adapter_config_dict(model: nn.Module, name: str | None = None) -> dict[str, 
     return out
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str | None = None) -> Path:
-    """Write set ``name`` (default: the active one) to ``folder``; returns the folder."""
+def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str | None = None,
+                 base_model: str | None = None) -> Path:
+    """Write set ``name`` (default: the active one) to ``folder``; returns the folder. ``base_model``: the name
+    written as ``base_model_name_or_path`` (default: where the model was loaded from)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = adapter_config_dict(model, name)
+    if base_model is not None:
+        cfg["base_model_name_or_path"] = base_model
     state = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in trainable_parameters(model, name).items()}
     # Write to temporary names then rename, so a crash never leaves a half-written adapter behind.
     tmp_w, tmp_c = folder / (WEIGHTS_NAME + ".tmp"), folder / (CONFIG_NAME + ".tmp")

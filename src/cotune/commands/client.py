@@ -1,4 +1,4 @@
-"""``cotune client ...``: register, upload, submit, status, wait, download and predict against a server.
+"""``cotune client ...``: register, upload, submit, status, wait, download, predict and delete against a server.
 
 The token is read from ``--token`` or ``$COTUNE_TOKEN``; ``register`` prints it (keep it: only its hash is
 stored on the server).
@@ -48,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--timeout", type=float, default=3600)
     c = sub.add_parser("cancel", help="cancel a job")
     c.add_argument("job_id")
+    de = sub.add_parser("delete", help="delete a finished job (or, with --adapter-only, just its adapter)")
+    de.add_argument("job_id")
+    de.add_argument("--adapter-only", action="store_true", help="keep the job's record and metrics")
+    df = sub.add_parser("delete-file", help="delete an uploaded file")
+    df.add_argument("file_id")
+    sub.add_parser("rotate-token", help="get a new token; the current one stops working (prints the new one)")
     d = sub.add_parser("download", help="download a finished job's adapter (PEFT format) into a folder")
     d.add_argument("job_id")
     d.add_argument("folder")
@@ -101,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
             return 0 if st["status"] == "succeeded" else 1
         elif args.action == "cancel":
             _print(c.cancel(args.job_id))
+        elif args.action == "delete":
+            (c.delete_adapter if args.adapter_only else c.delete_job)(args.job_id)
+            _print({"deleted": args.job_id, "adapter_only": args.adapter_only})
+        elif args.action == "delete-file":
+            c.delete_file(args.file_id)
+            _print({"deleted": args.file_id})
+        elif args.action == "rotate-token":
+            _print({"token": c.rotate_token()})
         elif args.action == "download":
             print(c.download(args.job_id, args.folder))
         elif args.action == "predict":

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", action="append", default=[], metavar="DIR",
                    help="server folder jobs may name data under (repeatable; none by default)")
     p.add_argument("--allow-hub", action="store_true", help="let jobs load Hugging Face hub data sets by name")
+    p.add_argument("--open-registration", action="store_true",
+                   help="let anyone who reaches the port register a tenant (default: only with --admin-token)")
     p.add_argument("--admin-token", default=None,
                    help="require this token (header X-Admin-Token) to register tenants; also $COTUNE_ADMIN_TOKEN")
     p.add_argument("--fitters", choices=("inprocess", "ray"), default="inprocess",
@@ -29,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=100_000, help="largest step count a job may ask for")
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="most tokens one generation request (/v1/completions, /v1/chat/completions) may ask for")
+    p.add_argument("--max-adapter-params", type=int, default=None,
+                   help="most parameters one job's adapters may have (default: as many as the base model has)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the training loop (default: torch's)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
@@ -44,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     config = ServiceConfig(
         root=args.root, model=args.model, host=args.host, port=args.port,
         max_upload_bytes=int(args.max_upload_mb * 2**20), data_roots=args.data_root, allow_hub=args.allow_hub,
-        admin_token=args.admin_token, fitters=args.fitters, checkpoint_every=args.checkpoint_every,
-        max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, torch_threads=args.threads,
+        admin_token=args.admin_token, open_registration=args.open_registration, fitters=args.fitters, checkpoint_every=args.checkpoint_every,
+        max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
+        max_adapter_params=args.max_adapter_params, torch_threads=args.threads,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(config)

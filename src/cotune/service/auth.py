@@ -31,6 +31,17 @@ def issue_token(store: Store, name: str) -> tuple[str, str]:
     return tenant_id, token
 
 
+#: The stored hash of a revoked tenant: no token hashes to it, so every request of that tenant is refused.
+REVOKED = "revoked"
+
+
+def rotate_token(store: Store, tenant_id: str) -> str:
+    """A new token for the tenant; the old one stops working at once. Shown only once."""
+    token = f"{tenant_id}.{secrets.token_urlsafe(32)}"
+    store.set_token_hash(tenant_id, hash_token(token))
+    return token
+
+
 def verify_token(store: Store, token: str | None) -> str | None:
     """The tenant id ``token`` belongs to, or ``None`` (malformed, unknown tenant or wrong secret)."""
     if not token:

@@ -99,6 +99,19 @@ class Client:
         self.request("DELETE", f"/v1/files/{file_id}")
 
     # -- jobs ------------------------------------------------------------------------------------------------
+    def rotate_token(self) -> str:
+        """A new token for this tenant (the old one stops working); remembered in ``self.token``."""
+        self.token = self.request("POST", "/v1/tenants/me/token").json()["token"]
+        return self.token
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a finished, failed or cancelled job with its metrics, checkpoints and adapter."""
+        self.request("DELETE", f"/v1/jobs/{job_id}")
+
+    def delete_adapter(self, job_id: str) -> None:
+        """Delete a job's trained adapter (the job's record and metrics stay)."""
+        self.request("DELETE", f"/v1/jobs/{job_id}/adapter")
+
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Submit a job (see ``cotune.service.schemas.JobSpec`` for the fields); returns its record."""
         return self.request("POST", "/v1/jobs", json=spec).json()

@@ -26,6 +26,7 @@ class ServiceConfig:
     data_roots: list[Path] = field(default_factory=list)
     allow_hub: bool = False
     admin_token: str | None = None
+    open_registration: bool = False  # anyone who reaches the port may register (else: only with the admin token)
     fitters: str = "inprocess"
     checkpoint_every: int = 20
     max_steps: int = 100_000
@@ -35,6 +36,7 @@ class ServiceConfig:
     max_predict_chars: int = 20_000
     predict_wait_s: float = 0.01  # how long the runner waits to gather predict requests of several tenants
     max_new_tokens: int = 1024  # the most tokens one generation request may ask for
+    max_adapter_params: int | None = None  # the most parameters one job's adapters may have (None: the base's)
     max_active_jobs: int = 16
     torch_threads: int | None = None  # torch intra-op threads of the worker (None: torch's default)
 

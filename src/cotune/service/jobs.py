@@ -26,7 +26,7 @@ from cotune.service import checkpoints
 from cotune.service.config import ServiceConfig
 from cotune.service.predictions import LoadedAdapters
 from cotune.service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, Store
-from cotune.service.workload import Workload, build_workload
+from cotune.service.workload import Workload, build_workload, check_adapter_size
 
 log = logging.getLogger("cotune.service")
 
@@ -104,6 +104,7 @@ class Jobs:
             job_dir = self.store.job_dir(rec.id)
             workload = build_workload(rec.spec, self._data_refs(rec), self.tokenizer, self.bank.model,
                                       self.model_task, job_dir)
+            check_adapter_size(self.bank.model, workload.adapter_configs, self.config.max_adapter_params)
             # the initial weights follow the seed as in ``cotune train`` (seeded, then attached): same job, same start
             torch.manual_seed(int(rec.spec.get("seed", 0)))
             self.bank.add_tenant(key, workload.adapter_configs, head=workload.head)
@@ -128,6 +129,9 @@ class Jobs:
             self.store.add_metrics(rec.id, 0, {"truncated_rows": workload.truncated_rows})
             log.warning("job %s: %d training rows are longer than max_length=%d and are cut", rec.id,
                         workload.truncated_rows, workload.max_length)
+        if workload.warnings:  # flagged in the metrics from the start, spelled out in the result at the end
+            self.store.add_metrics(rec.id, 0, dict.fromkeys(workload.warnings, 1.0))
+            log.warning("job %s: %s", rec.id, "; ".join(workload.warnings.values()))
         every = rec.spec.get("checkpoint_every") or self.config.checkpoint_every
         self.active[key] = ActiveJob(rec, key, workload, step, every)
         fields: dict[str, Any] = {"status": RUNNING, "step": step}
@@ -263,7 +267,8 @@ class Jobs:
         from cotune.adapters.attach import set_active
 
         result: dict[str, Any] = {"train_loss": job.last_loss, "skipped_steps": job.skipped,
-                                  "truncated_rows": job.workload.truncated_rows}
+                                  "truncated_rows": job.workload.truncated_rows,
+                                  "warnings": list(job.workload.warnings.values())}
         if job.workload.has_eval:
             set_active(self.bank.model, job.key)
             try:
@@ -276,7 +281,7 @@ class Jobs:
         job_dir = self.store.job_dir(job.rec.id)
         tmp, final = job_dir / ".adapter.tmp", self.store.adapter_dir(job.rec.id)
         shutil.rmtree(tmp, ignore_errors=True)
-        self.bank.save_tenant(job.key, tmp)
+        self.bank.save_tenant(job.key, tmp, base_model=self.config.model_id)  # its public name, not a server path
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         self.store.update_job(job.rec.id, status=SUCCEEDED, step=job.step, finished=time.time(), result=result)

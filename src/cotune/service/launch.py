@@ -30,9 +30,11 @@ class ServerProcess:
     """``python -m cotune.cli serve --root ROOT --port PORT [args]`` bound to 127.0.0.1; log in ``ROOT/../``."""
 
     def __init__(self, root: str | os.PathLike, args: list[str] | None = None, model: str = "minilm",
-                 port: int | None = None) -> None:
+                 port: int | None = None, open_registration: bool = True) -> None:
         self.root = Path(root)
         self.args = list(args or [])
+        if open_registration and "--admin-token" not in self.args:  # a private loopback server: anyone registers
+            self.args.append("--open-registration")
         self.model = model
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"

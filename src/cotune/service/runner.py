@@ -26,6 +26,7 @@ from cotune.errors import CotuneError
 from cotune.service.config import ServiceConfig
 from cotune.service.generations import GenerateRequest, Generations
 from cotune.service.jobs import Jobs
+from cotune.service.pending import Pending
 from cotune.service.predictions import LoadedAdapters, Predictions, PredictRequest, predict_together
 from cotune.service.store import JobRecord, Store
 from cotune.service.workload import model_task_for
@@ -43,6 +44,7 @@ class JobRunner:
         self.store = store
         self.predictions = Predictions(config, store)
         self.generations = Generations(config, store)
+        self._forget: Pending[str] = Pending()  # tenant keys whose adapters were deleted
         self.jobs: Jobs | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -64,6 +66,11 @@ class JobRunner:
 
     def notify(self) -> None:
         """A job was submitted or cancelled: look at the store now."""
+        self._wake.set()
+
+    def forget(self, job: JobRecord) -> None:
+        """The job's adapter is being deleted: unload it from the bank (in the worker thread, which owns it)."""
+        self._forget.put(job.key)
         self._wake.set()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -111,6 +118,8 @@ class JobRunner:
         jobs.sync()
         last_sync = time.monotonic()
         while not self._stop.is_set():
+            for key in self._forget.take():
+                jobs.loaded.unload(key)
             self.predictions.serve()
             self.generations.serve()
             if self._wake.is_set() or time.monotonic() - last_sync > 1.0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -151,6 +152,9 @@ class Store:
         # Leftovers of an upload or checkpoint interrupted by a crash: never referenced, safe to delete.
         for p in [*self.files_dir.glob(".*.tmp"), *self.files_dir.glob("*/.*.tmp")]:
             p.unlink(missing_ok=True)
+        for d in self.files_dir.iterdir():  # the folder of an upload killed before it was recorded
+            if d.is_dir() and not any(d.iterdir()) and self._one("SELECT 1 FROM files WHERE id = ?", (d.name,)) is None:
+                d.rmdir()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -179,6 +183,11 @@ class Store:
     def tenant(self, tenant_id: str) -> dict[str, Any] | None:
         row = self._one("SELECT * FROM tenants WHERE id = ?", (tenant_id,))
         return dict(row) if row else None
+
+    def set_token_hash(self, tenant_id: str, token_hash: str) -> None:
+        """Replace the tenant's token (rotation; ``REVOKED`` locks the tenant out)."""
+        with self._tx() as db:
+            db.execute("UPDATE tenants SET token_hash = ? WHERE id = ?", (token_hash, tenant_id))
 
     # -- files -------------------------------------------------------------------------------------------
     def file_path(self, file_id: str, ext: str) -> Path:
@@ -257,6 +266,13 @@ class Store:
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self._tx() as db:
             db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a job: its metrics, its record, its folder (checkpoints and adapter)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM metrics WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id

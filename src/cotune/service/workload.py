@@ -49,6 +49,30 @@ def check_task_options(options: dict[str, Any]) -> None:
         raise CotuneError(f"task_options {bad} are not accepted by the service; allowed: {list(ALLOWED_TASK_OPTIONS)}")
 
 
+def check_adapter_size(model: nn.Module, configs: list[Any], limit: int | None) -> int:
+    """The parameters the job's adapters would add, counted on the meta device before anything is built; refuses
+    a rank above the width of a layer it adapts and a total above ``limit`` (``None``: the base model's size)."""
+    from cotune.adapters.attach import default_targets, match_targets, planned_parameters
+    from cotune.adapters.site import io_widths
+
+    for cfg in configs:
+        r = getattr(cfg, "r", None)
+        if not isinstance(r, int):
+            continue
+        for path in match_targets(model, cfg.target_modules or default_targets(cfg.family, model)):
+            mod = model.get_submodule(path)
+            width = min(io_widths(getattr(mod, "base", mod)))
+            if r > width:
+                raise CotuneError(f"adapter rank r={r} is above the width {width} of {path}: a rank can be at most "
+                                  f"the layer's smaller dimension; lower adapter.r")
+    total = sum(planned_parameters(model, configs).values())
+    limit = limit if limit is not None else sum(p.numel() for p in model.parameters())
+    if total > limit:
+        raise CotuneError(f"the adapter would have {total:,} parameters; this server accepts at most {limit:,} per "
+                          "job: lower the rank or adapt fewer modules (adapter.target_modules)")
+    return total
+
+
 def hub_dataset(name: str, split: str | None, options: dict[str, Any]) -> Any:
     """A hub data set by name, loaded with ``datasets`` only (no local path lookup)."""
     if not _HUB_NAME.match(name) or ".." in name:
@@ -102,6 +126,8 @@ class Workload:
         self.head = self.num_labels if self.kind == "seq_cls" else None
         #: training rows longer than ``max_length`` (cut by the task: the answer keeps at least half)
         self.truncated_rows: int = int(meta.get("truncated_rows", 0))
+        #: data the job trains on but probably should not (one class, fewer rows than a batch): name -> message
+        self.warnings: dict[str, str] = dict(meta.get("warnings") or {})
         #: the system message its chat requests get when they bring none (the job's own training prompt)
         self.system: str | None = options.get("system")
 
@@ -129,10 +155,17 @@ class Workload:
                 self.eval_rows = []
         classifies = self.kind == "seq_cls"
         overlong = 0 if classifies else self.task.overlong(self.train_rows)
+        warnings: dict[str, str] = {}  # metric name -> what to tell the tenant
+        if classifies and not self.task.regression and len({r["label"] for r in self.train_rows}) < 2:
+            warnings["warning_one_class"] = ("the training rows all have one class: the job learns to answer it "
+                                             "always; add rows of the other classes")
+        if len(self.train_rows) < self.batch_size:
+            warnings["warning_tiny_data"] = (f"only {len(self.train_rows)} training rows, fewer than batch_size="
+                                             f"{self.batch_size}: every step repeats them")
         meta = {"label_names": self.task.label_names if classifies else None,
                 "regression": bool(self.task.regression) if classifies else False,
                 "num_labels": int(self.task.num_labels) if classifies else None, "task": self.kind,
-                "train_rows": len(self.train_rows), "truncated_rows": overlong,
+                "train_rows": len(self.train_rows), "truncated_rows": overlong, "warnings": warnings,
                 "eval_rows": len(self.eval_rows), "source": self.task.name}
         atomic_write_json(job_dir / META, meta)
         return meta

@@ -181,10 +181,11 @@ class TenantBank:
             for p in self.parameters(t).values():
                 p.requires_grad_(trainable)
 
-    def save_tenant(self, tenant_id: str, folder: str | os.PathLike) -> Path:
-        """Write the tenant's set in PEFT's format (loadable by ``add_tenant``, ``load_adapter``, PEFT)."""
+    def save_tenant(self, tenant_id: str, folder: str | os.PathLike, base_model: str | None = None) -> Path:
+        """Write the tenant's set in PEFT's format (loadable by ``add_tenant``, ``load_adapter``, PEFT);
+        ``base_model``: the base model's name to record (default: the path it was loaded from)."""
         self.tenant(tenant_id)
-        return save_adapter(self.model, folder, name=tenant_id)
+        return save_adapter(self.model, folder, name=tenant_id, base_model=base_model)
 
     # -- mixed batches ---------------------------------------------------------------------------------
     @contextmanager

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Response
 
 from cotune.service.config import ServiceConfig
 from cotune.service.routes.deps import ConfigDep, RunnerDep, StoreDep, Tenant, own_file, own_job
@@ -84,3 +85,26 @@ def cancel(job_id: str, tid: Tenant, store: StoreDep, runner: RunnerDep) -> JobI
     store.update_job(job_id, status=CANCELLED, finished=time.time())
     runner.notify()
     return JobInfo(**own_job(store, job_id, tid).public())
+
+
+@router.delete("/v1/jobs/{job_id}", status_code=204)
+def delete_job(job_id: str, tid: Tenant, store: StoreDep, runner: RunnerDep) -> Response:
+    """Delete a finished, failed or cancelled job with its metrics, checkpoints and adapter (active: 409)."""
+    job = own_job(store, job_id, tid)
+    if job.status not in FINAL_STATES:
+        raise HTTPException(409, f"job {job_id} is {job.status}: cancel it first (POST /v1/jobs/{job_id}/cancel)")
+    runner.forget(job)
+    store.delete_job(job.id)
+    return Response(status_code=204)
+
+
+@router.delete("/v1/jobs/{job_id}/adapter", status_code=204)
+def delete_adapter(job_id: str, tid: Tenant, store: StoreDep, runner: RunnerDep) -> Response:
+    """Delete a job's trained adapter, freeing its storage; the job's record and metrics stay."""
+    job = own_job(store, job_id, tid)
+    folder = store.adapter_dir(job.id)
+    if not folder.is_dir():
+        raise HTTPException(404, f"job {job_id} has no adapter")
+    runner.forget(job)
+    shutil.rmtree(folder, ignore_errors=True)
+    return Response(status_code=204)
