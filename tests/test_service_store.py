@@ -119,3 +119,23 @@ def test_registration_is_closed_unless_opened_and_admins_revoke(tmp_path):
         assert app.post(f"/v1/tenants/{made['tenant_id']}/revoke", headers={"X-Admin-Token": "nope"}).status_code == 403
         assert app.post(f"/v1/tenants/{made['tenant_id']}/revoke", headers={"X-Admin-Token": "s3cret"}).status_code == 204
         assert app.get("/v1/tenants/me", headers=auth).status_code == 401
+
+
+def test_rate_limit_and_storage_quota(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from cotune.service.api import create_app
+    from cotune.service.config import ServiceConfig
+
+    config = ServiceConfig(tmp_path / "q", open_registration=True, rate_limit=1.0, tenant_storage_bytes=30)
+    with TestClient(create_app(config, runner=_IdleRunner())) as app:
+        auth = {"Authorization": f"Bearer {app.post('/v1/tenants', json={'name': 'eve'}).json()['token']}"}
+        codes = [app.get("/v1/tenants/me", headers=auth).status_code for _ in range(3)]
+        assert codes == [200, 200, 429]  # a burst of two, then one per second
+        r = app.get("/v1/models", headers=auth)
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_exceeded"
+        assert 1 <= int(r.headers["Retry-After"]) <= 2
+        app.app.state.limiter.rate = 0  # the quota alone from here
+        assert app.post("/v1/files?filename=a.tsv", content=b"x\t1\n" * 5, headers=auth).status_code == 201
+        r = app.post("/v1/files?filename=b.tsv", content=b"x\t1\n" * 5, headers=auth)
+        assert r.status_code == 413 and "storage quota" in r.json()["detail"]

@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=100_000, help="largest step count a job may ask for")
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="most tokens one generation request (/v1/completions, /v1/chat/completions) may ask for")
+    p.add_argument("--rate-limit", type=float, default=100.0,
+                   help="requests per second per tenant, bursts of twice that (429 above; 0: no limit)")
+    p.add_argument("--tenant-storage-mb", type=float, default=2048.0,
+                   help="storage per tenant for uploads and adapters (413 above)")
     p.add_argument("--max-adapter-params", type=int, default=None,
                    help="most parameters one job's adapters may have (default: as many as the base model has)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the training loop (default: torch's)")
@@ -50,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 2**20), data_roots=args.data_root, allow_hub=args.allow_hub,
         admin_token=args.admin_token, open_registration=args.open_registration, fitters=args.fitters, checkpoint_every=args.checkpoint_every,
         max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
-        max_adapter_params=args.max_adapter_params, torch_threads=args.threads,
+        max_adapter_params=args.max_adapter_params, rate_limit=args.rate_limit,
+        tenant_storage_bytes=int(args.tenant_storage_mb * 2**20), torch_threads=args.threads,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(config)

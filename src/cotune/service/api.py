@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from cotune.errors import CotuneError
 from cotune.service.config import ServiceConfig
 from cotune.service.routes import adapters, files, health, jobs, openai, predict, tenants
+from cotune.service.routes.deps import RateLimiter
 from cotune.service.routes.files import safe_label
 from cotune.service.store import Store
 
@@ -58,6 +59,7 @@ def create_app(config: ServiceConfig, store: Store | None = None, runner: Any = 
         lifespan=lifespan,
     )
     app.state.store, app.state.runner, app.state.config = store, runner, config
+    app.state.limiter = RateLimiter(config.rate_limit, max(1.0, 2 * config.rate_limit))
     app.add_exception_handler(CotuneError, _cotune_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(openai.OpenAIError, openai.openai_error)  # type: ignore[arg-type]

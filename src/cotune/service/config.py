@@ -37,7 +37,9 @@ class ServiceConfig:
     predict_wait_s: float = 0.01  # how long the runner waits to gather predict requests of several tenants
     max_new_tokens: int = 1024  # the most tokens one generation request may ask for
     max_adapter_params: int | None = None  # the most parameters one job's adapters may have (None: the base's)
-    max_active_jobs: int = 16
+    max_active_jobs: int = 16  # queued + running jobs per tenant (429 above)
+    rate_limit: float = 100.0  # requests per second per tenant, bursts of twice that (429 above; 0: no limit)
+    tenant_storage_bytes: int = 2 * 2**30  # uploads + adapters per tenant (413 above)
     torch_threads: int | None = None  # torch intra-op threads of the worker (None: torch's default)
 
     @property

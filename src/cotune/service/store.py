@@ -267,6 +267,13 @@ class Store:
         with self._tx() as db:
             db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
 
+    def usage(self, tenant_id: str) -> int:
+        """Bytes the tenant's uploads and trained adapters take on disk."""
+        files = sum(f.size for f in self.list_files(tenant_id))
+        adapters = sum(p.stat().st_size for j in self.list_jobs(tenant_id) for p in self.adapter_dir(j.id).glob("*")
+                       if p.is_file())
+        return files + adapters
+
     def delete_job(self, job_id: str) -> None:
         """Forget a job: its metrics, its record, its folder (checkpoints and adapter)."""
         with self._tx() as db:

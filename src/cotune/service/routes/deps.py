@@ -7,6 +7,9 @@ resource up *with* the caller's tenant id, so another tenant's is indistinguisha
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request
@@ -42,12 +45,39 @@ def tenant_of(store: Store, authorization: str | None) -> str | None:
     return verify_token(store, token)
 
 
-def current_tenant(store: StoreDep, authorization: Annotated[str | None, Header()] = None) -> str:
-    """The tenant id of the request's bearer token (401 when missing, malformed or wrong)."""
+class RateLimiter:
+    """A token bucket per tenant: ``rate`` requests per second on average, bursts of up to ``burst``."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, time)
+        self._lock = threading.Lock()
+
+    def wait(self, tenant: str) -> float:
+        """0 when the request may go now (and counts it), else the seconds until it may."""
+        if self.rate <= 0:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            tokens, then = self._buckets.get(tenant, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.rate)
+            if tokens >= 1:
+                self._buckets[tenant] = (tokens - 1, now)
+                return 0.0
+            self._buckets[tenant] = (tokens, now)
+            return (1 - tokens) / self.rate
+
+
+def current_tenant(request: Request, store: StoreDep, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The tenant id of the request's bearer token (401 when missing, malformed or wrong; 429 over the rate)."""
     tid = tenant_of(store, authorization)
     if tid is None:
         raise HTTPException(401, "missing or invalid token: send 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})
+    wait = request.app.state.limiter.wait(tid)
+    if wait:
+        raise HTTPException(429, f"too many requests: this server allows {request.app.state.limiter.rate:g} per "
+                                 "second per tenant", headers={"Retry-After": str(math.ceil(wait))})
     return tid
 
 

@@ -6,6 +6,7 @@ label (``safe_label``).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -45,10 +46,15 @@ async def upload(
     ext = os.path.splitext(label)[1].lower()
     if ext not in UPLOAD_EXTENSIONS:
         raise HTTPException(400, f"file type {ext or '(none)'!r} not accepted; upload one of {UPLOAD_EXTENSIONS}")
-    limit = config.max_upload_bytes
+    room = config.tenant_storage_bytes - await asyncio.to_thread(store.usage, tid)
+    if room <= 0:
+        raise HTTPException(413, f"your storage quota of {config.tenant_storage_bytes} bytes is used up: delete "
+                                 "files (DELETE /v1/files/{id}) or adapters (DELETE /v1/jobs/{id}/adapter)")
+    limit = min(config.max_upload_bytes, room)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"upload of {declared} bytes exceeds the server's limit of {limit} bytes")
+        raise HTTPException(413, f"upload of {declared} bytes exceeds the server's limit of {limit} bytes "
+                                 "(the upload limit, or what is left of your storage quota)")
     fid = new_id()
     path = store.file_path(fid, ext)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,9 @@ def submit(spec: JobSpec, tid: Tenant, store: StoreDep, config: ConfigDep, runne
         raise HTTPException(400, f"batch_size={spec.batch_size} exceeds the limit of {config.max_batch_size}")
     if spec.max_length > config.max_length:
         raise HTTPException(400, f"max_length={spec.max_length} exceeds the limit of {config.max_length}")
+    if store.usage(tid) >= config.tenant_storage_bytes:
+        raise HTTPException(413, f"your storage quota of {config.tenant_storage_bytes} bytes is used up, and a job "
+                                 "writes an adapter: delete files or adapters first")
     active = store.list_jobs(tid, ACTIVE_STATES)
     if len(active) >= config.max_active_jobs:
         raise HTTPException(429, f"{len(active)} active jobs: the limit per tenant is {config.max_active_jobs}")

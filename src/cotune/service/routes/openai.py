@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -37,20 +38,25 @@ class OpenAIError(Exception):
     """An error answered in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.body = status, {"message": message, "type": type_, "param": param, "code": code}
+        self.headers = headers
 
 
 async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content={"error": exc.body})
+    return JSONResponse(status_code=exc.status, content={"error": exc.body}, headers=exc.headers)
 
 
-def openai_tenant(store: StoreDep, authorization: Annotated[str | None, Header()] = None) -> str:
+def openai_tenant(request: Request, store: StoreDep, authorization: Annotated[str | None, Header()] = None) -> str:
     tid = tenant_of(store, authorization)
     if tid is None:
         raise OpenAIError(401, "missing or invalid API key: send your cotune token as the API key "
                                "('Authorization: Bearer <token>')", code="invalid_api_key")
+    wait = request.app.state.limiter.wait(tid)
+    if wait:
+        raise OpenAIError(429, f"too many requests: this server allows {request.app.state.limiter.rate:g} per second "
+                               "per tenant", type_="rate_limit_exceeded", headers={"Retry-After": str(math.ceil(wait))})
     return tid
 
 
