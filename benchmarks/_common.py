@@ -217,6 +217,15 @@ def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> tuple[list[f
     return times, outs
 
 
+def machine_line(info: dict[str, Any], threads: int, before: Sequence[float], after: Sequence[float],
+                 total_s: float, out: Path) -> str:
+    """The closing line of a suite: cores, torch threads, the load average around the run, time, where it went."""
+    load = "/".join
+    return (f"machine: {info['cpu_count']} cores, torch threads {threads}, load (1/5/15 min) before "
+            f"{load(f'{x:.1f}' for x in before)}, after {load(f'{x:.1f}' for x in after)}; {total_s:.0f}s in all; "
+            f"results in {out}")
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 

@@ -58,6 +58,7 @@ from benchmarks._common import (
     DATA,
     line_plot,
     machine,
+    machine_line,
     markdown_table,
     median,
     out_dir,
@@ -411,11 +412,7 @@ def main(argv: list[str]) -> int:
     )
     print(notes)
     print(text)
-    print(
-        f"machine: {info['cpu_count']} cores, torch threads {torch.get_num_threads()}, load (1/5/15 min)"
-        f" before {'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in load_after)};"
-        f" {total_s:.0f}s in all; results in {out}"
-    )
+    print(machine_line(info, torch.get_num_threads(), load_before, load_after, total_s, out))
     return 0
 
 

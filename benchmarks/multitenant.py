@@ -57,6 +57,7 @@ from benchmarks._common import (
     DATA,
     line_plot,
     machine,
+    machine_line,
     markdown_table,
     out_dir,
     peak_rss_bytes,
@@ -432,9 +433,5 @@ def main(argv: list[str]) -> int:
     )
     print(notes)
     print(text)
-    print(
-        f"machine: {info['cpu_count']} cores, torch threads {info['torch_threads']}, load (1/5/15 min)"
-        f" before {'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in load_after)};"
-        f" {total_s:.0f}s in all; results in {out}"
-    )
+    print(machine_line(info, info["torch_threads"], load_before, load_after, total_s, out))
     return 0
