@@ -8,6 +8,7 @@ exactly the adapter the same job gets on a server where nobody disturbed it.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -90,3 +91,25 @@ def test_bad_specs_of_one_tenant_leave_another_tenants_job_exact(undisturbed, tm
     assert got.keys() == undisturbed.keys()
     for k in got:  # the same job, whatever B did beside it
         torch.testing.assert_close(got[k], undisturbed[k], atol=1e-6, rtol=0)
+
+
+def test_jobs_that_cannot_fit_the_memory_budget_are_refused_or_wait(tmp_path, shared_data):
+    # MiniLM: 90 MB of weights; a 16 x 128 step is estimated at 0.8 GB, two of them together at 1.5 GB.
+    with ServerProcess(tmp_path / "root", ["--threads", "1", "--memory-limit-mb", "1300"]) as srv:
+        c = Client(srv.url)
+        c.register("a")
+        f = c.upload_bytes(_rows(shared_data, 48, 0), "a.tsv")
+        spec = {"train": {"file_id": f["id"]}, "steps": 10, "batch_size": 16, "max_length": 128}
+        with pytest.raises(ServiceError) as e:
+            c.submit({**spec, "batch_size": 256, "max_length": 512})
+        assert e.value.status == 413 and "lower batch_size or max_length" in str(e.value), str(e.value)
+        first = c.submit(spec)
+        while c.status(first["id"])["status"] == "queued":
+            time.sleep(0.05)  # polls within the rate limit
+        second = c.submit(spec)
+        seen = set()
+        while c.status(first["id"])["status"] == "running":
+            seen.add(c.status(second["id"])["status"])
+            time.sleep(0.05)
+        assert seen == {"queued"}  # it fits alone, not beside the first: it waited for it
+        assert c.wait(first["id"], timeout=300)["status"] == c.wait(second["id"], timeout=300)["status"] == "succeeded"

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests per second per tenant, bursts of twice that (429 above; 0: no limit)")
     p.add_argument("--tenant-storage-mb", type=float, default=2048.0,
                    help="storage per tenant for uploads and adapters (413 above)")
+    p.add_argument("--memory-limit-mb", type=float, default=None,
+                   help="memory for the base model and the training step of all jobs (default: half the machine's); "
+                        "a job that cannot fit is refused, one that fits alone waits until others finish")
     p.add_argument("--max-adapter-params", type=int, default=None,
                    help="most parameters one job's adapters may have (default: as many as the base model has)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the training loop (default: torch's)")
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
         max_adapter_params=args.max_adapter_params, rate_limit=args.rate_limit,
         tenant_storage_bytes=int(args.tenant_storage_mb * 2**20), torch_threads=args.threads,
+        memory_limit_bytes=int(args.memory_limit_mb * 2**20) if args.memory_limit_mb else None,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(config)

@@ -40,6 +40,8 @@ class ServiceConfig:
     max_active_jobs: int = 16  # queued + running jobs per tenant (429 above)
     rate_limit: float = 100.0  # requests per second per tenant, bursts of twice that (429 above; 0: no limit)
     tenant_storage_bytes: int = 2 * 2**30  # uploads + adapters per tenant (413 above)
+    memory_limit_bytes: int | None = None  # the server's memory for the base model and the training step
+    # (None: half the machine's); a job whose step cannot fit is refused, one that fits alone waits its turn
     torch_threads: int | None = None  # torch intra-op threads of the worker (None: torch's default)
 
     @property

@@ -23,6 +23,7 @@ import torch
 
 from cotune.errors import CotuneError
 from cotune.service import checkpoints
+from cotune.service.admission import Admission
 from cotune.service.config import ServiceConfig
 from cotune.service.predictions import LoadedAdapters
 from cotune.service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, Store
@@ -73,9 +74,9 @@ class Jobs:
     """The active jobs on one bank and trainer (driven by the runner's worker thread only)."""
 
     def __init__(self, config: ServiceConfig, store: Store, bank: Any, trainer: Any, mixer: Any, tokenizer: Any,
-                 model_task: str, loaded: LoadedAdapters) -> None:
+                 model_task: str, loaded: LoadedAdapters, admission: Admission) -> None:
         self.config, self.store, self.bank, self.trainer, self.mixer = config, store, bank, trainer, mixer
-        self.tokenizer, self.model_task, self.loaded = tokenizer, model_task, loaded
+        self.tokenizer, self.model_task, self.loaded, self.admission = tokenizer, model_task, loaded, admission
         self.active: dict[str, ActiveJob] = {}
         self.rounds = 0
 
@@ -87,8 +88,17 @@ class Jobs:
                 self._drop(job)
                 checkpoints.discard(self.store.job_dir(job.rec.id))
         for rec in self.store.list_jobs(statuses=(QUEUED, RUNNING)):
-            if rec.key not in self.active:
-                self._start_job(rec)
+            if rec.key in self.active:
+                continue
+            if not self.admission.fits([j.rec.spec for j in self.active.values()], rec.spec):
+                if self.active:  # it fits alone (checked at submit): it waits, queued, until others finish
+                    continue
+                try:
+                    self.admission.refuse_alone(rec.spec)  # a budget lowered since it was submitted
+                except CotuneError as e:
+                    self._fail(rec, e)
+                    continue
+            self._start_job(rec)
 
     def checkpoint_all(self) -> None:
         """Graceful stop: every job checkpointed where it is."""

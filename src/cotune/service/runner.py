@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from cotune.errors import CotuneError
+from cotune.service.admission import Admission, ModelShape, machine_memory
 from cotune.service.config import ServiceConfig
 from cotune.service.generations import GenerateRequest, Generations
 from cotune.service.jobs import Jobs
@@ -83,6 +84,11 @@ class JobRunner:
             "predict_passes": self.predictions.passes, "generate_passes": self.generations.passes, "engine": "tenants.MultiTenantTrainer",
             "fitters": self.config.fitters,
         }
+
+    def check_admission(self, spec: dict[str, Any]) -> None:
+        """Refuse (``CotuneError``) a job whose step cannot fit the memory budget even alone (once loaded)."""
+        if self.jobs is not None:
+            self.jobs.admission.refuse_alone(spec)
 
     def submit_predict(self, job: JobRecord, inputs: list[str], max_new_tokens: int = 16) -> Future:
         """Queue a prediction; the future resolves to one dict per input (or raises ``CotuneError``)."""
@@ -155,5 +161,9 @@ class JobRunner:
         trainer = MultiTenantTrainer(bank, placement="ray" if self.config.fitters == "ray" else "inline")
         # Right padding for every task: a causal LM's positions then stay those of each row alone.
         mixer = MixedBatchScheduler(target_keys=("labels",), pad={"input_ids": int(tokenizer.pad_token_id or 0)})
-        self.jobs = Jobs(self.config, self.store, bank, trainer, mixer, tokenizer, model_task, LoadedAdapters(bank))
+        limit = self.config.memory_limit_bytes or machine_memory() // 2
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        admission = Admission(ModelShape.of(model, model_task == "causal_lm"), max(0, limit - weights))
+        self.jobs = Jobs(self.config, self.store, bank, trainer, mixer, tokenizer, model_task, LoadedAdapters(bank),
+                         admission)
         self.predictions.jobs = self.generations.jobs = self.jobs
