@@ -150,7 +150,10 @@ class Jobs:
         if step > 0:
             fields["resumed_from"] = step
             self.store.truncate_metrics(rec.id, step)  # those steps are repeated from the checkpoint
-        self.store.update_job(rec.id, **fields)
+        if not self.store.update_job(rec.id, only_if=(QUEUED, RUNNING), **fields):  # cancelled while it started
+            self._drop(self.active[key])
+            checkpoints.discard(self.store.job_dir(rec.id))
+            return
         log.info("job %s %s at step %d/%d", rec.id, "resumed" if step else "started", step, rec.total_steps)
 
     def workload_for(self, rec: JobRecord) -> Workload:

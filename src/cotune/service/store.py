@@ -256,7 +256,9 @@ class Store:
             args += list(statuses)
         return [self._job(r) for r in self._all(sql + " ORDER BY created", tuple(args))]
 
-    def update_job(self, job_id: str, **fields: Any) -> None:
+    def update_job(self, job_id: str, only_if: tuple[str, ...] | None = None, **fields: Any) -> bool:
+        """Set the job's fields; with ``only_if``, only while its status is one of those (atomically: a cancel
+        from the API between the worker's read and its write wins). Returns whether the job was updated."""
         allowed = {"status", "step", "checkpoint_step", "resumed_from", "error", "started", "finished", "result"}
         bad = set(fields) - allowed
         if bad:
@@ -264,8 +266,12 @@ class Store:
         if "result" in fields and fields["result"] is not None:
             fields["result"] = json.dumps(fields["result"])
         cols = ", ".join(f"{k} = ?" for k in fields)
+        sql, args = f"UPDATE jobs SET {cols} WHERE id = ?", [*fields.values(), job_id]
+        if only_if:
+            sql += f" AND status IN ({','.join('?' * len(only_if))})"
+            args += list(only_if)
         with self._tx() as db:
-            db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+            return db.execute(sql, tuple(args)).rowcount > 0
 
     def usage(self, tenant_id: str) -> int:
         """Bytes the tenant's uploads and trained adapters take on disk."""
