@@ -297,7 +297,9 @@ class Jobs:
         self.bank.save_tenant(job.key, tmp, base_model=self.config.model_id)  # its public name, not a server path
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        self.store.update_job(job.rec.id, status=SUCCEEDED, step=job.step, finished=time.time(), result=result)
+        # a cancel that came during the last step wins: the job stays cancelled (its adapter is there to delete)
+        self.store.update_job(job.rec.id, only_if=(RUNNING,), status=SUCCEEDED, step=job.step, finished=time.time(),
+                              result=result)
         checkpoints.discard(job_dir)
         self._leave_trainer(job)
         self.bank.set_trainable(False, [job.key])
@@ -326,4 +328,5 @@ class Jobs:
         reason = reason.replace(str(self.store.root), "<server>")
         if not isinstance(e, CotuneError):
             log.error("job %s failed:\n%s", rec.id, traceback.format_exc())
-        self.store.update_job(rec.id, status=FAILED, error=reason[:2000], finished=time.time())
+        self.store.update_job(rec.id, only_if=(QUEUED, RUNNING), status=FAILED, error=reason[:2000],
+                              finished=time.time())  # a cancelled job stays cancelled
