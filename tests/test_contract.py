@@ -35,7 +35,7 @@ from cotune.adapters import (
     trainable_parameters,
     unmerge,
 )
-from cotune.adapters.attach import adapter_sets, copy_adapter_weights, planned_parameters
+from cotune.adapters.attach import adapter_sets, copy_adapter_weights, plan_adapters
 from cotune.commands import verify
 from cotune.engines import OptimConfig, make_engine
 from cotune.engines.zeroth_order import zo_direction
@@ -93,10 +93,10 @@ def plain(
 
 
 @pytest.mark.parametrize("family", families())
-def test_planned_parameters_count_what_attach_builds(base, family):
+def test_planned_adapters_count_what_attach_builds(base, family):
     model = copy.deepcopy(base)
     cfgs = configs(family, model)
-    planned = planned_parameters(model, cfgs)  # on the meta device: the model stays as it was
+    planned = {ad.path: ad.parameters for ad in plan_adapters(model, cfgs)}  # on the meta device: model untouched
     assert not adapter_sets(model)
     attach(model, cfgs, name="x")
     built = trainable_parameters(model, "x")

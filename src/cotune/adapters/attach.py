@@ -163,15 +163,25 @@ def _plan(model: nn.Module, configs: list[AdapterConfig], name: str) -> list[tup
     return out
 
 
-def planned_parameters(model: nn.Module, configs: Sequence[AdapterConfig]) -> dict[str, int]:
-    """``{site path: parameters}`` that attaching ``configs`` would add, built on the meta device: nothing is
-    allocated and the model is not changed (a size limit can be checked before anything is built for real)."""
-    out: dict[str, int] = {}
+@dataclasses.dataclass(frozen=True)
+class PlannedAdapter:
+    """One adapter that attaching a set would add: its config, site, base module and parameter count."""
+
+    config: AdapterConfig
+    path: str
+    base: nn.Module
+    parameters: int
+
+
+def plan_adapters(model: nn.Module, configs: Sequence[AdapterConfig]) -> list[PlannedAdapter]:
+    """The adapters that attaching ``configs`` would add, each built on the meta device to count its parameters:
+    nothing is allocated and the model is not changed (limits can be checked before anything is built)."""
+    out = []
     for cfg, path, base in _plan(model, list(configs), "planned"):
         d_in, d_out = io_widths(base)
         with torch.device("meta"):
             ad = get_family(cfg.family).adapter_cls(cfg, d_in, d_out, base)
-        out[path] = sum(p.numel() for p in ad.parameters())
+        out.append(PlannedAdapter(cfg, path, base, sum(p.numel() for p in ad.parameters())))
     return out
 
 

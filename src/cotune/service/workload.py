@@ -49,28 +49,24 @@ def check_task_options(options: dict[str, Any]) -> None:
         raise CotuneError(f"task_options {bad} are not accepted by the service; allowed: {list(ALLOWED_TASK_OPTIONS)}")
 
 
-def check_adapter_size(model: nn.Module, configs: list[Any], limit: int | None) -> int:
-    """The parameters the job's adapters would add, counted on the meta device before anything is built; refuses
-    a rank above the width of a layer it adapts and a total above ``limit`` (``None``: the base model's size)."""
-    from cotune.adapters.attach import default_targets, match_targets, planned_parameters
+def check_adapter_size(model: nn.Module, configs: list[Any], limit: int | None) -> None:
+    """Refuse, before anything is built, a job whose adapters have a rank above the width of a layer they adapt
+    or more parameters than ``limit`` (``None``: the base model's size); counted on the meta device."""
+    from cotune.adapters.attach import plan_adapters
     from cotune.adapters.site import io_widths
 
-    for cfg in configs:
-        r = getattr(cfg, "r", None)
-        if not isinstance(r, int):
-            continue
-        for path in match_targets(model, cfg.target_modules or default_targets(cfg.family, model)):
-            mod = model.get_submodule(path)
-            width = min(io_widths(getattr(mod, "base", mod)))
-            if r > width:
-                raise CotuneError(f"adapter rank r={r} is above the width {width} of {path}: a rank can be at most "
-                                  f"the layer's smaller dimension; lower adapter.r")
-    total = sum(planned_parameters(model, configs).values())
+    plan = plan_adapters(model, configs)
+    for ad in plan:
+        r = getattr(ad.config, "r", None)
+        width = min(io_widths(ad.base))
+        if isinstance(r, int) and r > width:
+            raise CotuneError(f"adapter rank r={r} is above the width {width} of {ad.path}: a rank can be at most "
+                              f"the layer's smaller dimension; lower adapter.r")
+    total = sum(ad.parameters for ad in plan)
     limit = limit if limit is not None else sum(p.numel() for p in model.parameters())
     if total > limit:
         raise CotuneError(f"the adapter would have {total:,} parameters; this server accepts at most {limit:,} per "
                           "job: lower the rank or adapt fewer modules (adapter.target_modules)")
-    return total
 
 
 def hub_dataset(name: str, split: str | None, options: dict[str, Any]) -> Any:
