@@ -53,6 +53,14 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, time)
         self._lock = threading.Lock()
 
+    def refusal(self, tenant: str) -> tuple[str, dict[str, str]] | None:
+        """``None`` when the tenant's request may go now (it is counted), else the 429's message and headers."""
+        wait = self.wait(tenant)
+        if not wait:
+            return None
+        return (f"too many requests: this server allows {self.rate:g} per second per tenant",
+                {"Retry-After": str(math.ceil(wait))})
+
     def wait(self, tenant: str) -> float:
         """0 when the request may go now (and counts it), else the seconds until it may."""
         if self.rate <= 0:
@@ -74,10 +82,9 @@ def current_tenant(request: Request, store: StoreDep, authorization: Annotated[s
     if tid is None:
         raise HTTPException(401, "missing or invalid token: send 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})
-    wait = request.app.state.limiter.wait(tid)
-    if wait:
-        raise HTTPException(429, f"too many requests: this server allows {request.app.state.limiter.rate:g} per "
-                                 "second per tenant", headers={"Retry-After": str(math.ceil(wait))})
+    refused = request.app.state.limiter.refusal(tid)
+    if refused:
+        raise HTTPException(429, refused[0], headers=refused[1])
     return tid
 
 

@@ -46,12 +46,10 @@ def submit(spec: JobSpec, tid: Tenant, store: StoreDep, config: ConfigDep, runne
         raise HTTPException(400, f"batch_size={spec.batch_size} exceeds the limit of {config.max_batch_size}")
     if spec.max_length > config.max_length:
         raise HTTPException(400, f"max_length={spec.max_length} exceeds the limit of {config.max_length}")
-    check = getattr(runner, "check_admission", None)  # the training loop's memory budget (once the model is loaded)
-    if check is not None:
-        try:
-            check(spec.model_dump())
-        except CotuneError as e:
-            raise HTTPException(413, str(e)) from e
+    try:
+        runner.check_admission(spec.model_dump())  # the training step's memory budget (once the model is loaded)
+    except CotuneError as e:
+        raise HTTPException(413, str(e)) from e
     if store.usage(tid) >= config.tenant_storage_bytes:
         raise HTTPException(413, f"your storage quota of {config.tenant_storage_bytes} bytes is used up, and a job "
                                  "writes an adapter: delete files or adapters first")

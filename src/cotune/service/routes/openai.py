@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -53,10 +52,9 @@ def openai_tenant(request: Request, store: StoreDep, authorization: Annotated[st
     if tid is None:
         raise OpenAIError(401, "missing or invalid API key: send your cotune token as the API key "
                                "('Authorization: Bearer <token>')", code="invalid_api_key")
-    wait = request.app.state.limiter.wait(tid)
-    if wait:
-        raise OpenAIError(429, f"too many requests: this server allows {request.app.state.limiter.rate:g} per second "
-                               "per tenant", type_="rate_limit_exceeded", headers={"Retry-After": str(math.ceil(wait))})
+    refused = request.app.state.limiter.refusal(tid)
+    if refused:
+        raise OpenAIError(429, refused[0], type_="rate_limit_exceeded", headers=refused[1])
     return tid
 
 
