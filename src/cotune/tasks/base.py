@@ -256,6 +256,18 @@ class eval_mode:
         return False
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token lists padded on the left: every sequence ends in the last column
+    (what a decoder reading its last position needs)."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, x in enumerate(seqs):
+        ids[b, width - len(x) :] = torch.tensor(list(x), dtype=torch.long)
+        mask[b, width - len(x) :] = 1
+    return ids, mask
+
+
 def logits_of(out: Any) -> torch.Tensor:
     """Logits from a transformers output object, a dict, or a plain tensor (the image models)."""
     if isinstance(out, torch.Tensor):

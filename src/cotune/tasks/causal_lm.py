@@ -35,7 +35,7 @@ from torch import nn
 
 from cotune.errors import CotuneError
 from cotune.tasks import metrics as M
-from cotune.tasks.base import TaskBase, batches, eval_mode, logits_of, model_device, to_device
+from cotune.tasks.base import TaskBase, batches, eval_mode, left_pad, logits_of, model_device, to_device
 from cotune.tasks.losses import IGNORE, next_token_loss, next_token_nll
 
 
@@ -237,15 +237,9 @@ class CausalLMTask(TaskBase):
         texts: list[str] = []
         with eval_mode(model):
             for chunk in batches(rows, batch_size, desc="generate"):
-                p = [self.prompt_ids(r) for r in chunk]
-                T = max(len(x) for x in p)
-                ids = torch.full((len(p), T), tok.pad_token_id, dtype=torch.long)
-                att = torch.zeros((len(p), T), dtype=torch.long)
-                for b, x in enumerate(p):  # left padding: every prompt ends at the last column
-                    ids[b, T - len(x) :] = torch.tensor(x)
-                    att[b, T - len(x) :] = 1
+                ids, att = left_pad([self.prompt_ids(r) for r in chunk], tok.pad_token_id)
                 out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=cfg)
-                texts += [t.strip() for t in tok.batch_decode(out[:, T:], skip_special_tokens=True)]
+                texts += [t.strip() for t in tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
         return texts
 
     def evaluate(self, model: nn.Module, rows: list[dict], batch_size: int = 32, limit: int | None = None):

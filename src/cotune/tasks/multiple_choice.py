@@ -38,7 +38,7 @@ from torch import nn
 
 from cotune.errors import CotuneError
 from cotune.tasks import metrics as M
-from cotune.tasks.base import TaskBase, batches, eval_mode, logits_of, model_device, to_device
+from cotune.tasks.base import TaskBase, batches, eval_mode, left_pad, logits_of, model_device, to_device
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -124,13 +124,7 @@ class MultipleChoiceTask(TaskBase):
             raise CotuneError("collate of an empty batch")
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        p = [self.prompt_ids(r) for r in rows]
-        T = max(len(x) for x in p)
-        ids = torch.full((len(p), T), pad, dtype=torch.long)
-        att = torch.zeros((len(p), T), dtype=torch.long)
-        for b, x in enumerate(p):
-            ids[b, T - len(x) :] = torch.tensor(x)
-            att[b, T - len(x) :] = 1
+        ids, att = left_pad([self.prompt_ids(r) for r in rows], pad)
         pos = (att.cumsum(1) - 1).clamp(min=0)  # real tokens get positions 0..n-1 whatever the padding
         return {
             "input_ids": ids,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cotune.errors import CotuneError
+from cotune.tasks.base import left_pad
 from cotune.tenants.bank import TenantBank
 from cotune.tenants.routing import RowGroups
 
@@ -64,12 +65,7 @@ def decode(bank: TenantBank, requests: Sequence[DecodeRequest], pad_id: int) -> 
         r.check()
     model = bank.model
     dev = next(model.parameters()).device
-    n, width = len(requests), max(len(r.prompt) for r in requests)
-    ids = torch.full((n, width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, r in enumerate(requests):  # left padding: every prompt ends in the last column
-        ids[i, width - len(r.prompt) :] = torch.tensor(list(r.prompt), dtype=torch.long)
-        mask[i, width - len(r.prompt) :] = 1
+    ids, mask = left_pad([list(r.prompt) for r in requests], pad_id)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # what ``generate`` computes for left padding
     gens = [torch.Generator().manual_seed(r.seed if r.seed is not None else random.getrandbits(63)) for r in requests]
     from transformers import DynamicCache
@@ -78,7 +74,7 @@ def decode(bank: TenantBank, requests: Sequence[DecodeRequest], pad_id: int) -> 
     params = inspect.signature(model.forward).parameters
     extra: dict = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # no (n, T, vocab) prefill logits
     extra["cache" if "cache" in params else "past_key_values"] = cache  # transformers >= 5.24 renamed it
-    live = list(range(n))  # the requests whose rows are in the batch, in row order
+    live = list(range(len(requests)))  # the requests whose rows are in the batch, in row order
     inputs, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
     with torch.inference_mode(), bank.route([requests[i].tenant for i in live]) as router:
         while live:
