@@ -108,41 +108,6 @@ def reply(model: Any, tok: Any, messages: list[dict], max_new_tokens: int, tempe
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def remote_reply(url: str, token: str, model: str, messages: list[dict], max_new_tokens: int,
-                 temperature: float) -> str:
-    """The server's answer to ``messages`` from ``/v1/chat/completions``, its stream printed as it comes."""
-    import json
-
-    import httpx
-
-    body = {"model": model, "messages": messages, "max_tokens": max_new_tokens, "temperature": temperature,
-            "stream": True}
-    parts: list[str] = []
-    try:
-        with httpx.stream("POST", url.rstrip("/") + "/v1/chat/completions", json=body, timeout=600,
-                          headers={"Authorization": f"Bearer {token}"}) as r:
-            if r.status_code >= 400:
-                r.read()
-                try:
-                    reason = r.json()["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    reason = r.text
-                raise CotuneError(f"the server answered {r.status_code}: {reason}")
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    raise CotuneError(f"the server failed mid-answer: {event['error']['message']}")
-                delta = event["choices"][0]["delta"].get("content") or ""
-                print(delta, end="", flush=True)
-                parts.append(delta)
-    except httpx.TransportError as e:
-        raise CotuneError(f"cannot reach the cotune server at {url} ({type(e).__name__}: {e})") from e
-    print(flush=True)
-    return "".join(parts).strip()
-
-
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise CotuneError("--max-new-tokens must be >= 1")
@@ -153,10 +118,18 @@ def run(args: argparse.Namespace) -> int:
         if not token or not args.model:
             raise CotuneError("cotune chat --server needs --model JOB (a job id or the base model's name) and a token "
                               "(--token or COTUNE_TOKEN)")
+        from cotune.service.client import Client
+
+        client = Client(args.server, token)
         options: dict = {}  # the server adds the job's own system prompt
 
         def answer(messages: list[dict]) -> str:
-            return remote_reply(args.server, token, args.model, messages, args.max_new_tokens, args.temperature)
+            parts = []
+            for delta in client.chat_stream(args.model, messages, args.max_new_tokens, args.temperature):
+                print(delta, end="", flush=True)
+                parts.append(delta)
+            print(flush=True)
+            return "".join(parts).strip()
     else:
         model, tok, options = load_chat_model(args.adapter, args.model, args.device)
 

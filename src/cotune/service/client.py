@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +61,29 @@ class Client:
             r = self._http.request(method, path, headers=headers, **kw)
         except httpx.TransportError as e:
             raise CotuneError(f"cannot reach the cotune server at {self.url} ({type(e).__name__}: {e})") from e
-        if r.status_code >= 400:
-            try:
-                body = r.json()
-                detail = body.get("detail") or (body.get("error") or {}).get("message") or r.text  # ours or OpenAI's
-            except ValueError:
-                detail = r.text
-            raise ServiceError(r.status_code, detail if isinstance(detail, str) else str(detail))
+        _raise_for_status(r)
         return r
+
+    def chat_stream(self, model: str, messages: list[dict[str, str]], max_tokens: int,
+                    temperature: float = 0.0) -> Iterator[str]:
+        """The text of ``model``'s answer (a job id or the base model) as ``/v1/chat/completions`` streams it."""
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                "stream": True}
+        try:
+            with self._http.stream("POST", "/v1/chat/completions", json=body, headers=self._headers(),
+                                   timeout=600) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for_status(r)
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[len("data: ") :])
+                    if "error" in event:
+                        raise CotuneError(f"the server failed mid-answer: {event['error']['message']}")
+                    yield event["choices"][0]["delta"].get("content") or ""
+        except httpx.TransportError as e:
+            raise CotuneError(f"cannot reach the cotune server at {self.url} ({type(e).__name__}: {e})") from e
 
     # -- tenants ---------------------------------------------------------------------------------------------
     def register(self, name: str, admin_token: str | None = None) -> dict[str, Any]:
@@ -161,3 +178,15 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         return self.request("GET", "/healthz").json()
+
+
+def _raise_for_status(r: httpx.Response) -> None:
+    """``ServiceError`` with the server's reason (its own ``detail`` or OpenAI's ``error.message``) for 4xx/5xx."""
+    if r.status_code < 400:
+        return
+    try:
+        body = r.json()
+        detail = body.get("detail") or (body.get("error") or {}).get("message") or r.text
+    except ValueError:
+        detail = r.text
+    raise ServiceError(r.status_code, detail if isinstance(detail, str) else str(detail))
