@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -215,6 +215,18 @@ def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> tuple[list[f
         outs.append(step())
         times.append(time.perf_counter() - t0)
     return times, outs
+
+
+T = TypeVar("T")
+
+
+def run_suite(measure: Callable[[], T]) -> tuple[T, dict[str, Any]]:
+    """``measure()`` and the run around it: ``{"load_average": {"before", "after"}, "total_s"}`` for results.json."""
+    before = list(os.getloadavg())
+    t0 = time.perf_counter()
+    result = measure()
+    total_s = time.perf_counter() - t0
+    return result, {"load_average": {"before": before, "after": list(os.getloadavg())}, "total_s": total_s}
 
 
 def machine_line(info: dict[str, Any], threads: int, before: Sequence[float], after: Sequence[float],

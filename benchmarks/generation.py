@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -63,6 +62,7 @@ from benchmarks._common import (
     median,
     out_dir,
     rss_bytes,
+    run_suite,
     set_offline,
     tensor_bytes,
     trim_heap,
@@ -371,11 +371,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(a.threads)
     out = out_dir("generation", a.smoke, a.out)
     info = machine()
-    load_before = list(os.getloadavg())
-    t0 = time.perf_counter()
-    rows, mem = measure(ks, n, repeats, warmup)
-    total_s = time.perf_counter() - t0
-    load_after = list(os.getloadavg())
+    (rows, mem), run = run_suite(lambda: measure(ks, n, repeats, warmup))
     text = report(rows, out)
     notes = (
         f"SmolLM2-135M-Instruct fp32, K tenants each a LoRA r={R} on {'+'.join(TARGETS)} (random weights), one real"
@@ -391,8 +387,7 @@ def main(argv: list[str]) -> int:
         {
             "machine": info,
             "torch_threads": torch.get_num_threads(),
-            "load_average": {"before": load_before, "after": load_after},
-            "total_s": total_s,
+            **run,
             "model": MODEL,
             "lora_r": R,
             "target_modules": TARGETS,
@@ -412,7 +407,8 @@ def main(argv: list[str]) -> int:
     )
     print(notes)
     print(text)
-    print(machine_line(info, torch.get_num_threads(), load_before, load_after, total_s, out))
+    load = run["load_average"]
+    print(machine_line(info, torch.get_num_threads(), load["before"], load["after"], run["total_s"], out))
     return 0
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import statistics
 import sys
 import time
@@ -62,6 +61,7 @@ from benchmarks._common import (
     out_dir,
     peak_rss_bytes,
     run_isolated,
+    run_suite,
     set_offline,
     write_json,
 )
@@ -399,11 +399,7 @@ def main(argv: list[str]) -> int:
         ks, steps, seq, engines = [2], 2, 16, ["gl"]
     out = out_dir("multitenant", a.smoke, a.out)
     info = machine()
-    load_before = list(os.getloadavg())
-    t0 = time.perf_counter()
-    rows = measure(ks, steps, seq, a.smoke, engines)
-    total_s = time.perf_counter() - t0
-    load_after = list(os.getloadavg())
+    rows, run = run_suite(lambda: measure(ks, steps, seq, a.smoke, engines))
     text = report(rows, out)
     notes = (
         f"MiniLM, LoRA r={R} alpha={ALPHA:g} on query+value, AdamW; {ROWS} rows x {seq} tokens per tenant per step,"
@@ -416,8 +412,7 @@ def main(argv: list[str]) -> int:
         out / "results.json",
         {
             "machine": info,
-            "load_average": {"before": load_before, "after": load_after},
-            "total_s": total_s,
+            **run,
             "steps": steps,
             "warmup": warmup_steps(steps),
             "seq": seq,
@@ -433,5 +428,6 @@ def main(argv: list[str]) -> int:
     )
     print(notes)
     print(text)
-    print(machine_line(info, info["torch_threads"], load_before, load_after, total_s, out))
+    load = run["load_average"]
+    print(machine_line(info, info["torch_threads"], load["before"], load["after"], run["total_s"], out))
     return 0

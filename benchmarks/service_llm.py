@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import DATA, line_plot, machine, markdown_table, out_dir, set_offline, write_json
+from benchmarks._common import DATA, line_plot, machine, machine_line, markdown_table, out_dir, set_offline, write_json
 
 ALPACA = DATA / "instruct" / "alpaca_en_demo.json"
 N_TRAIN = 899  # the first 899 items train, the rest (100) evaluate
@@ -261,6 +261,5 @@ def main(argv: list[str]) -> int:
           f"AdamW lr {a.lr:g}, {a.steps} steps x {a.batch_size} rows, max_length {a.max_length}; "
           f"evaluation: {a.eval_rows} held-out items, max_new_tokens {a.max_new_tokens}")
     print(res["table"])
-    print(f"machine: {info['cpu_count']} cores, load (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)},"
-          f" after {'/'.join(f'{x:.1f}' for x in load_after)}; results in {out}")
+    print(machine_line(info, a.threads or info["torch_threads"], load_before, load_after, total_s, out))
     return 0
