@@ -229,13 +229,12 @@ def run_suite(measure: Callable[[], T]) -> tuple[T, dict[str, Any]]:
     return result, {"load_average": {"before": before, "after": list(os.getloadavg())}, "total_s": total_s}
 
 
-def machine_line(info: dict[str, Any], threads: int, before: Sequence[float], after: Sequence[float],
-                 total_s: float, out: Path) -> str:
-    """The closing line of a suite: cores, torch threads, the load average around the run, time, where it went."""
-    load = "/".join
-    return (f"machine: {info['cpu_count']} cores, torch threads {threads}, load (1/5/15 min) before "
-            f"{load(f'{x:.1f}' for x in before)}, after {load(f'{x:.1f}' for x in after)}; {total_s:.0f}s in all; "
-            f"results in {out}")
+def machine_line(info: dict[str, Any], threads: int, run: dict[str, Any], out: Path) -> str:
+    """The closing line of a suite: cores, torch threads, the load average around the run (``run_suite``'s
+    record), its time, and where the results went."""
+    before, after = ("/".join(f"{x:.1f}" for x in run["load_average"][k]) for k in ("before", "after"))
+    return (f"machine: {info['cpu_count']} cores, torch threads {threads}, load (1/5/15 min) before {before}, after "
+            f"{after}; {run['total_s']:.0f}s in all; results in {out}")
 
 
 def median(xs: Sequence[float]) -> float:

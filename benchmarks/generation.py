@@ -407,8 +407,7 @@ def main(argv: list[str]) -> int:
     )
     print(notes)
     print(text)
-    load = run["load_average"]
-    print(machine_line(info, torch.get_num_threads(), load["before"], load["after"], run["total_s"], out))
+    print(machine_line(info, torch.get_num_threads(), run, out))
     return 0
 
 

@@ -428,6 +428,5 @@ def main(argv: list[str]) -> int:
     )
     print(notes)
     print(text)
-    load = run["load_average"]
-    print(machine_line(info, info["torch_threads"], load["before"], load["after"], run["total_s"], out))
+    print(machine_line(info, info["torch_threads"], run, out))
     return 0

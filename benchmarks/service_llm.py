@@ -261,5 +261,6 @@ def main(argv: list[str]) -> int:
           f"AdamW lr {a.lr:g}, {a.steps} steps x {a.batch_size} rows, max_length {a.max_length}; "
           f"evaluation: {a.eval_rows} held-out items, max_new_tokens {a.max_new_tokens}")
     print(res["table"])
-    print(machine_line(info, a.threads or info["torch_threads"], load_before, load_after, total_s, out))
+    run = {"load_average": res["load_average"], "total_s": total_s}
+    print(machine_line(info, a.threads or info["torch_threads"], run, out))
     return 0
