@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require this token (header X-Admin-Token) to register tenants; also $COTUNE_ADMIN_TOKEN")
     p.add_argument("--fitters", choices=("inprocess", "ray"), default="inprocess",
                    help="where gradient-learning fitters run (ray needs the ray extra)")
+    p.add_argument("--trainer", choices=("process", "thread"), default="process",
+                   help="train in a child process that is restarted if it dies, so the API keeps answering "
+                        "(default), or in a thread of the API's process")
     p.add_argument("--checkpoint-every", type=int, default=20, help="default checkpoint interval in steps")
     p.add_argument("--max-steps", type=int, default=100_000, help="largest step count a job may ask for")
     p.add_argument("--max-new-tokens", type=int, default=1024,
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     config = ServiceConfig(
         root=args.root, model=args.model, host=args.host, port=args.port,
         max_upload_bytes=int(args.max_upload_mb * 2**20), data_roots=args.data_root, allow_hub=args.allow_hub,
-        admin_token=args.admin_token, open_registration=args.open_registration, fitters=args.fitters, checkpoint_every=args.checkpoint_every,
+        admin_token=args.admin_token, open_registration=args.open_registration, fitters=args.fitters, trainer=args.trainer,
+        checkpoint_every=args.checkpoint_every,
         max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
         max_adapter_params=args.max_adapter_params, rate_limit=args.rate_limit,
         tenant_storage_bytes=int(args.tenant_storage_mb * 2**20), torch_threads=args.threads,

@@ -36,10 +36,18 @@ ROUTERS = (health.router, tenants.router, files.router, jobs.router, adapters.ro
 
 
 def create_app(config: ServiceConfig, store: Store | None = None, runner: Any = None) -> FastAPI:
-    """The FastAPI app; starts ``runner`` (default: the training loop) with the app and stops it after."""
+    """The FastAPI app; starts ``runner`` with the app and stops it after.
+
+    The default runner trains in a child process (``trainer_process.ProcessRunner``), or in a thread of this
+    one with ``config.trainer == "thread"`` (``runner.JobRunner``).
+    """
     store = store or Store(config.root)
-    if runner is None:
-        from cotune.service.runner import JobRunner  # late: torch and the training stack, unneeded with a given runner
+    if runner is None and config.trainer == "process":
+        from cotune.service.trainer_process import ProcessRunner
+
+        runner = ProcessRunner(config, store)
+    elif runner is None:
+        from cotune.service.runner import JobRunner  # late: the training stack, unneeded with a given runner
 
         runner = JobRunner(config, store)
 

@@ -16,6 +16,8 @@ class ServiceConfig:
     ``data_roots``: server-side folders a job may name data under (``{"path": ...}``); empty refuses paths.
     ``allow_hub``: jobs may name a Hugging Face hub data set (needs the server online).
     ``fitters``: where gradient-learning fitters run: ``inprocess`` (default) or ``ray``.
+    ``trainer``: ``process`` (default: training in a child process, restarted if it dies, so the API keeps
+    answering) or ``thread`` (in the API's own process: simpler to debug, but a step holds the interpreter lock).
     """
 
     root: Path
@@ -28,6 +30,7 @@ class ServiceConfig:
     admin_token: str | None = None
     open_registration: bool = False  # anyone who reaches the port may register (else: only with the admin token)
     fitters: str = "inprocess"
+    trainer: str = "process"
     checkpoint_every: int = 20
     max_steps: int = 100_000
     max_batch_size: int = 256
@@ -55,6 +58,8 @@ class ServiceConfig:
         self.data_roots = [Path(p).expanduser().resolve() for p in self.data_roots]
         if self.fitters not in ("inprocess", "ray"):
             raise CotuneError(f"fitters must be inprocess or ray, not {self.fitters!r}")
+        if self.trainer not in ("process", "thread"):
+            raise CotuneError(f"trainer must be process or thread, not {self.trainer!r}")
         if self.max_upload_bytes <= 0:
             raise CotuneError("max_upload_bytes must be positive")
         if self.checkpoint_every <= 0:

@@ -48,7 +48,8 @@ class ServerProcess:
                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         self.root.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing to it
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # a session of its own: ``kill`` takes the API and its trainer process down together
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -72,10 +73,32 @@ class ServerProcess:
         return self.proc.pid
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown code runs (what a crash or the OOM killer does)."""
+        """SIGKILL to the API and its trainer process: no shutdown code runs (a crash of the machine)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group outlives the API while its trainer lives
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+
+    def kill_api(self) -> None:
+        """SIGKILL to the API process alone; its trainer sees the pipe close, checkpoints and exits."""
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
+
+    def trainer_pid(self) -> int | None:
+        """The pid of the trainer process now (from ``/healthz``), ``None`` while none is up."""
+        return httpx.get(self.url + "/healthz", timeout=10).json()["runner"].get("trainer_pid")
+
+    def kill_trainer(self) -> int:
+        """SIGKILL to the trainer process alone (a crash, the OOM killer); the API restarts it. Its pid."""
+        pid = self.trainer_pid()
+        if pid is None:
+            raise CotuneError("this server has no trainer process (cotune serve --trainer thread?)")
+        os.kill(pid, signal.SIGKILL)
+        return pid
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM (graceful: uvicorn stops, the runner checkpoints), SIGKILL if it does not exit in time."""
@@ -85,7 +108,8 @@ class ServerProcess:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.kill()
+            pass
+        self.kill()  # whatever is left of the group (a trainer that outlived its API)
 
     def log_tail(self, n: int = 4000) -> str:
         try:

@@ -125,7 +125,7 @@ class JobRecord:
 class Store:
     """Thread-safe access to the service's SQLite database and its folders under ``root``."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, clean: bool = True) -> None:
         self.root = Path(root).expanduser().resolve()
         self.files_dir = self.root / "files"
         self.jobs_dir = self.root / "jobs"
@@ -134,7 +134,9 @@ class Store:
         self._lock = threading.RLock()
         # One connection shared by the HTTP threads and the runner, serialised by the lock: SQLite allows one
         # writer at a time anyway, and the statements here are all tiny.
-        self._db = sqlite3.connect(self.root / "cotune.db", check_same_thread=False, isolation_level=None)
+        # The API and the trainer process share the database: a writer waits up to 30 s for the other's lock.
+        self._db = sqlite3.connect(self.root / "cotune.db", check_same_thread=False, isolation_level=None,
+                                   timeout=30.0)
         self._db.row_factory = sqlite3.Row
         with self._lock:
             # WAL + synchronous=NORMAL: a committed transaction survives the process being killed.
@@ -142,7 +144,8 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
-        self._clean_temporaries()
+        if clean:  # not in the trainer process, while the API process may be receiving an upload
+            self._clean_temporaries()
 
     def close(self) -> None:
         with self._lock:
