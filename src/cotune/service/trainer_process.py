@@ -21,6 +21,7 @@ import fcntl
 import itertools
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -37,6 +38,9 @@ log = logging.getLogger("cotune.service")
 
 #: a job training in this many deaths of the trainer process is failed (instead of killing it again)
 CRASH_LIMIT = 3
+#: the trainer's scheduling priority below the API's: on a busy machine the control plane gets the CPU first
+#: (a status request costs a millisecond; a training step waits that much longer)
+TRAINER_NICE = 10
 #: how often the trainer reports its state (``/healthz``) and which jobs it is training
 STATE_EVERY_S = 0.25
 
@@ -225,6 +229,7 @@ def trainer_main(config: ServiceConfig, conn: Connection, log_level: int = loggi
     # stopping everything) stops us gracefully, checkpointing, like the API's "stop".
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_stop)
+    os.nice(TRAINER_NICE)
     lock = open(config.root / "trainer.lock", "w")  # noqa: SIM115 - held, and released by the OS, at exit
     fcntl.flock(lock, fcntl.LOCK_EX)  # a trainer left by a killed API finishes its checkpoint first
     send_lock = threading.Lock()
