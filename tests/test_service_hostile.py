@@ -101,7 +101,7 @@ def test_jobs_that_cannot_fit_the_memory_budget_are_refused_or_wait(tmp_path, sh
         f = c.upload_bytes(_rows(shared_data, 48, 0), "a.tsv")
         spec = {"train": {"file_id": f["id"]}, "steps": 10, "batch_size": 16, "max_length": 128}
         with pytest.raises(ServiceError) as e:
-            c.submit({**spec, "batch_size": 256, "max_length": 512})
+            c.submit({**spec, "batch_size": 32, "max_length": 512})
         assert e.value.status == 413 and "lower batch_size or max_length" in str(e.value), str(e.value)
         first = c.submit(spec)
         while c.status(first["id"])["status"] == "queued":

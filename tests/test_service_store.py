@@ -139,3 +139,36 @@ def test_rate_limit_and_storage_quota(tmp_path):
         assert app.post("/v1/files?filename=a.tsv", content=b"x\t1\n" * 5, headers=auth).status_code == 201
         r = app.post("/v1/files?filename=b.tsv", content=b"x\t1\n" * 5, headers=auth)
         assert r.status_code == 413 and "storage quota" in r.json()["detail"]
+
+
+def test_step_size_bound_and_compute_quota(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from cotune.service.api import create_app
+    from cotune.service.config import ServiceConfig
+    from cotune.service.store import SUCCEEDED
+
+    config = ServiceConfig(tmp_path / "c", open_registration=True, rate_limit=0, max_step_tokens=4096,
+                           tenant_compute_tokens=10_000)
+    runner = _IdleRunner()
+    runner.notify = runner.check_admission = runner.forget = lambda *a: None
+    with TestClient(create_app(config, runner=runner)) as app:
+        auth = {"Authorization": f"Bearer {app.post('/v1/tenants', json={'name': 'eve'}).json()['token']}"}
+        fid = app.post("/v1/files?filename=a.tsv", content=b"sentence\tlabel\nok\t1\n", headers=auth).json()["id"]
+        spec = {"train": {"file_id": fid}, "batch_size": 4, "max_length": 128}  # 512 token slots a step
+        r = app.post("/v1/jobs", json={**spec, "batch_size": 64}, headers=auth)  # 8192 > 4096: one job's share
+        assert r.status_code == 400 and "engine_options.grad_accum" in r.json()["detail"], r.text
+        r = app.post("/v1/jobs", json={**spec, "batch_size": 64, "engine": "gl"}, headers=auth)
+        assert r.status_code == 400 and "engine_options.interval" in r.json()["detail"]
+        first = app.post("/v1/jobs", json={**spec, "steps": 12}, headers=auth).json()  # plans 6144 of 10000
+        r = app.post("/v1/jobs", json={**spec, "steps": 8}, headers=auth)  # 6144 + 4096 > 10000
+        assert r.status_code == 429 and "6144 planned" in r.json()["detail"], r.text
+        assert app.get("/v1/tenants/me", headers=auth).json()["compute_tokens_planned"] == 6144
+        # the first job trains 5 steps and is deleted: its 2560 stay used, the rest is free again
+        store = app.app.state.store
+        store.update_job(first["id"], status=SUCCEEDED, step=5)
+        assert app.delete(f"/v1/jobs/{first['id']}", headers=auth).status_code == 204
+        me = app.get("/v1/tenants/me", headers=auth).json()
+        assert (me["compute_tokens"], me["compute_tokens_planned"], me["compute_quota_tokens"]) == (2560, 0, 10_000)
+        assert app.post("/v1/jobs", json={**spec, "steps": 14}, headers=auth).status_code == 201  # 2560 + 7168
+        assert app.post("/v1/jobs", json={**spec, "steps": 1}, headers=auth).status_code == 429  # + 512 > 10000

@@ -77,9 +77,13 @@ def test_a_job_in_three_trainer_deaths_in_a_row_is_failed_and_the_others_go_on(t
         victim = c.submit({**spec, "train": {"file_id": f["id"]}, "steps": 400, "checkpoint_every": 400})
         for _ in range(3):
             wait_for(lambda: c.health()["runner"].get("active_jobs", 0) >= 1, 90, "the job training", srv)
+            wait_for(lambda: c.status(victim["id"])["step"] >= 2, 90, "two steps", srv)
             old = srv.kill_trainer()
             wait_for(lambda old=old: (p := srv.trainer_pid()) is not None and p != old, 60, "a new trainer", srv)
         out = wait_for(lambda: (s := c.status(victim["id"]))["status"] == "failed" and s, 30, "the job failed", srv)
         assert "died 3 times" in out["error"] and "batch_size" in out["error"]
+        # each restart began again at step 0 (no checkpoint): the steps before a death were logged once, not twice
+        steps = [m["step"] for m in c.metrics(victim["id"]) if m["name"] == "loss"]
+        assert steps == list(range(1, len(steps) + 1)), steps
         other = c.submit({**spec, "train": {"file_id": f["id"]}, "steps": 2})
         assert c.wait(other["id"], timeout=120)["status"] == "succeeded"

@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests per second per tenant, bursts of twice that (429 above; 0: no limit)")
     p.add_argument("--tenant-storage-mb", type=float, default=2048.0,
                    help="storage per tenant for uploads and adapters (413 above)")
+    p.add_argument("--max-step-tokens", type=int, default=16_384,
+                   help="most batch_size x max_length of one job's step, so no tenant's step holds up the others "
+                        "for long (a larger batch: grad_accum or interval micro-batches)")
+    p.add_argument("--tenant-compute-tokens", type=float, default=None,
+                   help="compute quota per tenant in training token slots, steps x batch_size x max_length over all "
+                        "its jobs, deleted ones included (default: none)")
     p.add_argument("--memory-limit-mb", type=float, default=None,
                    help="memory for the base model and the training step of all jobs (default: half the machine's); "
                         "a job that cannot fit is refused, one that fits alone waits until others finish")
@@ -63,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
         max_adapter_params=args.max_adapter_params, rate_limit=args.rate_limit,
         tenant_storage_bytes=int(args.tenant_storage_mb * 2**20), torch_threads=args.threads,
+        max_step_tokens=args.max_step_tokens,
+        tenant_compute_tokens=int(args.tenant_compute_tokens) if args.tenant_compute_tokens else None,
         memory_limit_bytes=int(args.memory_limit_mb * 2**20) if args.memory_limit_mb else None,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -53,6 +53,12 @@ class ModelShape:
                    scores)
 
 
+def step_tokens(spec: dict[str, Any]) -> int:
+    """The token slots of one of the job's steps (``batch_size x max_length``): what a step costs the round
+    it joins, and what the compute quota counts."""
+    return int(spec.get("batch_size", 8)) * int(spec.get("max_length", 128))
+
+
 def step_bytes(shape: ModelShape, specs: list[dict[str, Any]]) -> int:
     """Estimated peak bytes (above the base weights) of one mixed step of the jobs with these specs."""
     if not specs:

@@ -43,6 +43,10 @@ class ServiceConfig:
     max_active_jobs: int = 16  # queued + running jobs per tenant (429 above)
     rate_limit: float = 100.0  # requests per second per tenant, bursts of twice that (429 above; 0: no limit)
     tenant_storage_bytes: int = 2 * 2**30  # uploads + adapters per tenant (413 above)
+    # One job's share of a round: batch_size x max_length tokens per step at most, so that no tenant's step holds
+    # the others up for long (a larger batch is grad_accum / interval micro-batches of this size)
+    max_step_tokens: int = 16_384
+    tenant_compute_tokens: int | None = None  # training token slots (steps x batch_size x max_length) per tenant
     memory_limit_bytes: int | None = None  # the server's memory for the base model and the training step
     # (None: half the machine's); a job whose step cannot fit is refused, one that fits alone waits its turn
     torch_threads: int | None = None  # torch intra-op threads of the worker (None: torch's default)
@@ -62,6 +66,8 @@ class ServiceConfig:
             raise CotuneError(f"trainer must be process or thread, not {self.trainer!r}")
         if self.max_upload_bytes <= 0:
             raise CotuneError("max_upload_bytes must be positive")
+        if self.max_step_tokens <= 0 or (self.tenant_compute_tokens is not None and self.tenant_compute_tokens <= 0):
+            raise CotuneError("max_step_tokens and tenant_compute_tokens must be positive")
         if self.checkpoint_every <= 0:
             raise CotuneError("checkpoint_every must be positive")
         if self.admin_token is None:

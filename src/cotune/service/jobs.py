@@ -135,11 +135,14 @@ class Jobs:
         except Exception as e:
             self._fail(rec, e)
             return
-        if workload.truncated_rows:
+        # A restart repeats the steps after the last checkpoint: their metrics go, to be logged again once.
+        # Without a checkpoint that is every step, and the step-0 notes below are written again too.
+        self.store.truncate_metrics(rec.id, step if step > 0 else -1)
+        if workload.truncated_rows and step == 0:
             self.store.add_metrics(rec.id, 0, {"truncated_rows": workload.truncated_rows})
             log.warning("job %s: %d training rows are longer than max_length=%d and are cut", rec.id,
                         workload.truncated_rows, workload.max_length)
-        if workload.warnings:  # flagged in the metrics from the start, spelled out in the result at the end
+        if workload.warnings and step == 0:  # flagged in the metrics from the start, spelled out in the result
             self.store.add_metrics(rec.id, 0, dict.fromkeys(workload.warnings, 1.0))
             log.warning("job %s: %s", rec.id, "; ".join(workload.warnings.values()))
         every = rec.spec.get("checkpoint_every") or self.config.checkpoint_every
@@ -149,7 +152,6 @@ class Jobs:
             fields["started"] = time.time()
         if step > 0:
             fields["resumed_from"] = step
-            self.store.truncate_metrics(rec.id, step)  # those steps are repeated from the checkpoint
         if not self.store.update_job(rec.id, only_if=(QUEUED, RUNNING), **fields):  # cancelled while it started
             self._drop(self.active[key])
             checkpoints.discard(self.store.job_dir(rec.id))

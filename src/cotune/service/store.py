@@ -30,7 +30,8 @@ from cotune.errors import CotuneError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, token_hash TEXT NOT NULL, created REAL NOT NULL
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, token_hash TEXT NOT NULL, created REAL NOT NULL,
+    deleted_compute INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL REFERENCES tenants(id), filename TEXT NOT NULL,
@@ -144,6 +145,9 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(tenants)")}
+            if "deleted_compute" not in columns:  # a database from before the compute quota
+                self._db.execute("ALTER TABLE tenants ADD COLUMN deleted_compute INTEGER NOT NULL DEFAULT 0")
         if clean:  # not in the trainer process, while the API process may be receiving an upload
             self._clean_temporaries()
 
@@ -181,7 +185,8 @@ class Store:
     # -- tenants -----------------------------------------------------------------------------------------
     def add_tenant(self, tenant_id: str, name: str, token_hash: str) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO tenants VALUES (?, ?, ?, ?)", (tenant_id, name, token_hash, time.time()))
+            db.execute("INSERT INTO tenants (id, name, token_hash, created) VALUES (?, ?, ?, ?)",
+                       (tenant_id, name, token_hash, time.time()))
 
     def tenant(self, tenant_id: str) -> dict[str, Any] | None:
         row = self._one("SELECT * FROM tenants WHERE id = ?", (tenant_id,))
@@ -283,9 +288,12 @@ class Store:
                        if p.is_file())
         return files + adapters
 
-    def delete_job(self, job_id: str) -> None:
-        """Forget a job: its metrics, its record, its folder (checkpoints and adapter)."""
+    def delete_job(self, job_id: str, compute: int = 0) -> None:
+        """Forget a job: its metrics, its record, its folder (checkpoints and adapter). ``compute``: what it
+        trained, kept on its tenant's account (deleting a job gives none of the compute quota back)."""
         with self._tx() as db:
+            db.execute("UPDATE tenants SET deleted_compute = deleted_compute + ? WHERE id = "
+                       "(SELECT tenant_id FROM jobs WHERE id = ?)", (int(compute), job_id))
             db.execute("DELETE FROM metrics WHERE job_id = ?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from cotune.errors import CotuneError
+from cotune.service.admission import step_tokens
 from cotune.service.config import ServiceConfig
 from cotune.service.routes.deps import ConfigDep, RunnerDep, StoreDep, Tenant, own_file, own_job
 from cotune.service.schemas import JobInfo, JobSpec, Metric
@@ -46,6 +47,18 @@ def submit(spec: JobSpec, tid: Tenant, store: StoreDep, config: ConfigDep, runne
         raise HTTPException(400, f"batch_size={spec.batch_size} exceeds the limit of {config.max_batch_size}")
     if spec.max_length > config.max_length:
         raise HTTPException(400, f"max_length={spec.max_length} exceeds the limit of {config.max_length}")
+    if (tokens := step_tokens(spec.model_dump())) > config.max_step_tokens:
+        accum = "engine_options.interval" if spec.engine == "gl" else "engine_options.grad_accum"
+        raise HTTPException(400, f"batch_size x max_length = {tokens} tokens per step; this server trains at most "
+                                 f"{config.max_step_tokens} per job and round, so that no job holds up the others: "
+                                 f"lower batch_size (and raise {accum} for the same batch per update) or max_length")
+    if config.tenant_compute_tokens is not None:
+        used, planned = compute_of(store, tid)
+        if used + planned + spec.steps * tokens > config.tenant_compute_tokens:
+            raise HTTPException(429, f"your compute quota is {config.tenant_compute_tokens} token slots (steps x "
+                                     f"batch_size x max_length); {used} are used and {planned} planned by your active "
+                                     f"jobs, and this job needs {spec.steps * tokens}: lower steps, batch_size or "
+                                     "max_length, or ask the operator for more")
     try:
         runner.check_admission(spec.model_dump())  # the training step's memory budget (once the model is loaded)
     except CotuneError as e:
@@ -60,6 +73,15 @@ def submit(spec: JobSpec, tid: Tenant, store: StoreDep, config: ConfigDep, runne
     store.add_job(jid, tid, spec.model_dump(), spec.steps)
     runner.notify()
     return JobInfo(**store.get_job(jid).public())  # type: ignore[union-attr]
+
+
+def compute_of(store: Any, tid: str) -> tuple[int, int]:
+    """The tenant's compute in token slots: (trained, deleted jobs included; still to train by active jobs)."""
+    t = store.tenant(tid) or {}
+    jobs = store.list_jobs(tid)
+    used = int(t.get("deleted_compute") or 0) + sum(j.step * step_tokens(j.spec) for j in jobs)
+    planned = sum((j.total_steps - j.step) * step_tokens(j.spec) for j in jobs if j.status in ACTIVE_STATES)
+    return used, planned
 
 
 @router.get("/v1/jobs", response_model=list[JobInfo])
@@ -102,7 +124,7 @@ def delete_job(job_id: str, tid: Tenant, store: StoreDep, runner: RunnerDep) -> 
     if job.status not in FINAL_STATES:
         raise HTTPException(409, f"job {job_id} is {job.status}: cancel it first (POST /v1/jobs/{job_id}/cancel)")
     runner.forget(job)
-    store.delete_job(job.id)
+    store.delete_job(job.id, compute=job.step * step_tokens(job.spec))
     return Response(status_code=204)
 
 

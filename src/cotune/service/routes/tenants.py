@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, HTTPException, Response
 
 from cotune.service.auth import REVOKED, check_admin, issue_token, rotate_token
 from cotune.service.routes.deps import ConfigDep, StoreDep, Tenant
+from cotune.service.routes.jobs import compute_of
 from cotune.service.schemas import RegisterRequest, RegisterResponse
 
 router = APIRouter(tags=["tenants"])
@@ -29,9 +30,14 @@ def register(
 
 
 @router.get("/v1/tenants/me")
-def me(tid: Tenant, store: StoreDep) -> dict[str, Any]:
+def me(tid: Tenant, store: StoreDep, config: ConfigDep) -> dict[str, Any]:
+    """The caller's tenant, with its storage and compute use beside this server's quotas (``None``: no quota)."""
     t = store.tenant(tid) or {}
-    return {"tenant_id": tid, "name": t.get("name"), "created": t.get("created")}
+    used, planned = compute_of(store, tid)
+    return {"tenant_id": tid, "name": t.get("name"), "created": t.get("created"),
+            "storage_bytes": store.usage(tid), "storage_quota_bytes": config.tenant_storage_bytes,
+            "compute_tokens": used, "compute_tokens_planned": planned,
+            "compute_quota_tokens": config.tenant_compute_tokens}
 
 
 @router.post("/v1/tenants/me/token", response_model=RegisterResponse)
