@@ -120,7 +120,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None, help="tokens per sentence, padded (default 64)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N encoder layers")
     p.add_argument(
-        "--placements", nargs="*", default=[], help="extra fitter placements to check: inline, process, ray"
+        "--placements", nargs="*", default=[],
+        help="extra fitter placements to check: inline, process, ray, loopback (the remote worker through its frames)"
     )
     p.add_argument("--dtypes", nargs="*", default=None, choices=list(DTYPES), help="default: fp32 float64")
     p.add_argument("--envelope-factor", type=float, default=None, help="fp32 limit in rounding envelopes (2)")

@@ -33,7 +33,9 @@ class GradientLearningEngine:
       reference summed over the interval (an ``I``-times larger step); we average so that switching
       engines never changes the effective learning rate.
     * ``placement``: ``thread`` (default; overlaps fitting with the backward pass), ``inline``, ``process``
-      (a worker process, shared-memory weights) or ``ray`` (an actor; ``pip install cotune[ray]``).
+      (a worker process, shared-memory weights), ``ray`` (an actor; ``pip install cotune[ray]``), ``remote``
+      (the owner's machine: capture frames out, weights back later, see ``remote``) or ``loopback`` (the
+      same frames answered in this process).
     * ``merged``: fold ``ΔW`` into the base weights; the server never runs the adapter, the fitter
       recomputes ``g(u)``; after each update the merge is refreshed from the pristine weight (no drift).
       Mergeable families only, and only deterministic ones: an adapter drawing in training mode (dropout,

@@ -1,4 +1,5 @@
-"""Where a fitter runs: inline, a background thread, a worker process, or a Ray actor.
+"""Where a fitter runs: inline, a background thread, a worker process, a Ray actor, or the adapter owner's
+machine (``remote``; ``loopback`` answers its frames in this process — see ``remote``).
 
 Each placement is a ``FitterHandle``: ``submit(msg)`` ships one ``Pair``/``Statistic`` without waiting
 (the thread starts fitting while the server's backward pass goes on), ``step()`` waits for the one
@@ -35,7 +36,7 @@ from cotune.engines.gradient_learning.fitter import Fitter
 from cotune.engines.gradient_learning.wire import Message
 from cotune.errors import CotuneError
 
-PLACEMENTS = ("inline", "thread", "process", "ray")
+PLACEMENTS = ("inline", "thread", "process", "ray", "remote", "loopback")
 
 
 class FitterHandle(Protocol):
@@ -75,6 +76,10 @@ def make_fitter(
         return ProcessFitter(adapters, optim, device, name, timeout_s, threads)
     if placement == "ray":
         return RayFitter(adapters, optim, device, name, timeout_s, ray_options or {})
+    if placement in ("remote", "loopback"):  # the owner's own machine (see ``remote``)
+        from cotune.engines.gradient_learning import remote
+
+        return remote.RemoteFitter(adapters, optim, name) if placement == "remote" else remote.loopback(adapters, optim, name)
     raise CotuneError(f"unknown fitter placement {placement!r}; valid: {', '.join(PLACEMENTS)}")
 
 
