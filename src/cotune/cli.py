@@ -21,6 +21,7 @@ COMMANDS = {
     "verify": "check gradient learning against backprop for every adapter family",
     "serve": "run the fine-tuning-as-a-service HTTP server",
     "client": "talk to a cotune server (register, submit, status, download, predict)",
+    "worker": "run your remote-fitter job's adapter updates on this machine (ColA: the server sends gradients only)",
 }
 
 

@@ -46,6 +46,7 @@ class ServiceConfig:
     # One job's share of a round: batch_size x max_length tokens per step at most, so that no tenant's step holds
     # the others up for long (a larger batch is grad_accum / interval micro-batches of this size)
     max_step_tokens: int = 16_384
+    worker_timeout_s: float = 300.0  # a remote-fitter job waits this long for its worker's weights, then pauses
     tenant_compute_tokens: int | None = None  # training token slots (steps x batch_size x max_length) per tenant
     memory_limit_bytes: int | None = None  # the server's memory for the base model and the training step
     # (None: half the machine's); a job whose step cannot fit is refused, one that fits alone waits its turn

@@ -26,7 +26,7 @@ from cotune.service import checkpoints
 from cotune.service.admission import Admission
 from cotune.service.config import ServiceConfig
 from cotune.service.predictions import LoadedAdapters
-from cotune.service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, Store
+from cotune.service.store import CANCELLED, FAILED, PAUSED, QUEUED, RUNNING, SUCCEEDED, JobRecord, Store
 from cotune.service.workload import Workload, build_workload, check_adapter_size
 
 log = logging.getLogger("cotune.service")
@@ -35,7 +35,7 @@ log = logging.getLogger("cotune.service")
 #: what a job may set of its engine (where the work runs, e.g. a gl fitter's placement, is the server's)
 SERVICE_ENGINE_OPTIONS = {
     "backprop": ("grad_accum",),
-    "gl": ("interval", "wire_dtype", "sufficient_statistic"),
+    "gl": ("interval", "wire_dtype", "sufficient_statistic", "fitter"),
     "zo": ("eps", "n_directions", "zo_optimizer", "seed"),
 }
 
@@ -68,6 +68,8 @@ class ActiveJob:
     checkpoint_every: int
     last_loss: float | None = None
     skipped: int = 0
+    remote: Any = None  # its RemoteFitter when its updates run in the tenant's ``cotune worker``
+    awaiting_since: float | None = None  # when it started waiting for its worker's weights
 
 
 class Jobs:
@@ -79,6 +81,8 @@ class Jobs:
         self.tokenizer, self.model_task, self.loaded, self.admission = tokenizer, model_task, loaded, admission
         self.active: dict[str, ActiveJob] = {}
         self.rounds = 0
+        #: ``on_remote(job id, fields)``: what a remote job's worker may fetch changed (``None``: it left)
+        self.on_remote: Callable[[str, dict[str, Any] | None], None] = lambda job_id, fields: None
 
     def sync(self) -> None:
         """Drop cancelled jobs; start (or resume) queued ones."""
@@ -147,6 +151,7 @@ class Jobs:
             log.warning("job %s: %s", rec.id, "; ".join(workload.warnings.values()))
         every = rec.spec.get("checkpoint_every") or self.config.checkpoint_every
         self.active[key] = ActiveJob(rec, key, workload, step, every)
+        self._connect_remote(self.active[key])
         fields: dict[str, Any] = {"status": RUNNING, "step": step}
         if rec.started is None:
             fields["started"] = time.time()
@@ -202,12 +207,62 @@ class Jobs:
                               f"allowed: {list(allowed)}")
         if engine == "zo":
             options.setdefault("seed", int(rec.spec.get("seed", 0)))
+        fitter = options.pop("fitter", "server")
+        if fitter not in ("server", "remote"):
+            raise CotuneError(f"engine_options.fitter must be 'server' (the default) or 'remote' (the update runs on "
+                              f"your machine: cotune worker --job <id>), not {fitter!r}")
+        if fitter == "remote":
+            options["placement"] = "remote"
         return options
 
-    def round(self) -> None:
-        """One step for every active job: one mixed step of the trainer."""
+    def _connect_remote(self, job: ActiveJob) -> None:
+        """A remote-fitter job: its frames go to ``on_remote``, and what its worker needs to start is published."""
+        from cotune.engines.gradient_learning.remote import RemoteFitter, encode_weights
+
+        fitter = getattr(self.trainer.engine_of(job.key), "fitter", None)
+        if not isinstance(fitter, RemoteFitter):
+            return
+        job.remote = fitter
+        fitter.outbox = lambda update, frame, jid=job.rec.id: self.on_remote(jid, {"frame": (update, frame)})
+        self.on_remote(job.rec.id, {"setup": fitter.setup(), "applied": fitter.updates, "frame": None,
+                                    "weights": encode_weights(fitter.updates, fitter.weights())})
+
+    def deliver(self, job_id: str, data: bytes) -> dict[str, Any]:
+        """A remote job's worker sent the weights of the update it awaits: check, apply, then checkpoint or finish."""
+        job = next((j for j in self.active.values() if j.rec.id == job_id), None)
+        if job is None or job.remote is None:
+            raise CotuneError(f"job {job_id} is not training with a remote fitter now")
+        stats = job.remote.deliver(data)  # CotuneError on a bad frame: the adapter stays as it was
+        job.awaiting_since = None
+        worker_stats = {k: stats[k] for k in ("grad_norm", "lr", "fit_s") if isinstance(stats.get(k), int | float)}
+        self.store.add_metrics(job_id, job.step, worker_stats)  # measured by the worker, where the optimizer is
+        self.on_remote(job_id, {"applied": job.remote.updates, "frame": None, "weights": data})
+        update = job.remote.updates
+        if job.step >= job.rec.total_steps:
+            self._guard(job, self._finish, job)
+        else:  # every applied update: a restart resumes exactly where the worker's weights are
+            self._guard(job, self._checkpoint, job)
+        return {"update": update, "step": job.step}
+
+    def _pause(self, job: ActiveJob) -> None:
+        waited = time.monotonic() - (job.awaiting_since or time.monotonic())
+        self._drop(job)
+        self.on_remote(job.rec.id, None)
+        self.store.update_job(job.rec.id, only_if=(RUNNING,), status=PAUSED, error=(
+            f"paused: its worker sent no weights for update {job.remote.awaiting} in {waited:.0f} s; start "
+            f"`cotune worker --job {job.rec.id}` and it resumes from its last update"))
+        log.warning("job %s paused: no weights from its worker in %.0f s", job.rec.id, waited)
+
+    def round(self) -> bool:
+        """One step for every active job that can take one (one mixed step); False when none could."""
         self.rounds += 1
-        jobs = list(self.active.values())
+        jobs = []
+        for job in list(self.active.values()):
+            if job.remote is not None and job.remote.awaiting is not None:  # its worker has not answered yet
+                if time.monotonic() - (job.awaiting_since or time.monotonic()) > self.config.worker_timeout_s:
+                    self._pause(job)
+                continue
+            jobs.append(job)
         parts = []
         for job in jobs:
             try:
@@ -216,7 +271,7 @@ class Jobs:
                 self._drop(job)
                 self._fail(job.rec, e)
         if not parts:
-            return
+            return False
         # The base's dropout draws depend only on the (seed, step) of the jobs in the batch: a lone job's
         # step is the same computation after a restart as it would have been without one.
         mix = 0
@@ -230,14 +285,15 @@ class Jobs:
                 job = self.active[parts[0][0]]
                 self._drop(job)
                 self._fail(job.rec, e)
-                return
+                return True
             # Find the culprit: step each job alone (a job's bad rows must not stop the others).
             for key, batch in parts:
                 job = self.active[key]
                 self._guard(job, lambda job=job, batch=batch: self._after_step(job, self._mixed_step([(job.key, batch)])[job.key]))
-            return
+            return True
         for key, r in results.items():
             self._guard(self.active[key], self._after_step, self.active[key], r)
+        return True
 
     def _mixed_step(self, parts: list[tuple[str, Any]]) -> dict[str, Any]:
         self.bank.model.train()
@@ -258,6 +314,9 @@ class Jobs:
             reason = getattr(r, "reason", None) or "non-finite loss or gradient"
             raise CotuneError(f"{job.skipped} of {job.step} steps were skipped (last: {reason}); lower the lr "
                               "or check the data")
+        if job.remote is not None and job.remote.awaiting is not None:
+            job.awaiting_since = time.monotonic()  # checkpoint or finish once its worker's weights are back
+            return
         if job.step >= job.rec.total_steps:
             self._finish(job)
         elif job.step % job.checkpoint_every == 0:
@@ -310,6 +369,8 @@ class Jobs:
 
     def _leave_trainer(self, job: ActiveJob) -> None:
         self.active.pop(job.key, None)
+        if job.remote is not None:
+            self.on_remote(job.rec.id, None)
         if job.key in self.trainer.training:
             self.trainer.remove(job.key)
 

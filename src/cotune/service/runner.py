@@ -5,7 +5,7 @@ Its loop, repeated until ``stop``:
 1. answer every pending prediction in one routed pass across tenants (``predictions.Predictions``) and
    decode every pending generation request in one batched loop (``generations.Generations``), so a request
    waits at most one training step;
-2. pick up newly submitted jobs, resuming each from its last checkpoint, and drop cancelled ones
+2. apply the weights that remote workers sent (``Jobs.deliver``), then pick up newly submitted jobs, resuming each from its last checkpoint, and drop cancelled ones
    (``jobs.Jobs.sync``);
 3. train one round: one mixed step of every active job, whatever its engine (``jobs.Jobs.round``).
 
@@ -46,6 +46,11 @@ class JobRunner:
         self.predictions = Predictions(config, store)
         self.generations = Generations(config, store)
         self._forget: Pending[str] = Pending()  # tenant keys whose adapters were deleted
+        self._deliveries: Pending[tuple[str, bytes, Future]] = Pending()  # remote workers' weights frames
+        #: per remote-fitter job: what its worker fetches (setup, weights, applied update, awaited frame)
+        self.remote_views: dict[str, dict[str, Any]] = {}
+        #: also told of every change of ``remote_views`` (the trainer process forwards them to the API)
+        self.remote_sink: Any = None
         self.jobs: Jobs | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -100,6 +105,26 @@ class JobRunner:
         self._wake.set()
         return req.future
 
+    def remote_view(self, job_id: str) -> dict[str, Any] | None:
+        """What a remote-fitter job's worker may fetch now (``None``: the job is not training)."""
+        view = self.remote_views.get(job_id)
+        return dict(view) if view is not None else None
+
+    def deliver_weights(self, job_id: str, data: bytes) -> Future:
+        """Queue a worker's weights frame; the future resolves to ``{"update", "step"}`` or raises ``CotuneError``."""
+        fut: Future = Future()
+        self._deliveries.put((job_id, data, fut))
+        self._wake.set()
+        return fut
+
+    def _on_remote(self, job_id: str, fields: dict[str, Any] | None) -> None:
+        if fields is None:
+            self.remote_views.pop(job_id, None)
+        else:
+            self.remote_views[job_id] = {**self.remote_views.get(job_id, {}), **fields}
+        if self.remote_sink is not None:
+            self.remote_sink(job_id, fields)
+
     def submit_generate(self, req: GenerateRequest) -> None:
         """Queue a generation request; it hears its events through ``req.emit`` (see ``generations``)."""
         if self.error:
@@ -126,6 +151,11 @@ class JobRunner:
         while not self._stop.is_set():
             for key in self._forget.take():
                 jobs.loaded.unload(key)
+            for job_id, data, fut in self._deliveries.take():
+                try:
+                    fut.set_result(jobs.deliver(job_id, data))
+                except Exception as e:  # a bad frame is the worker's error, reported to it
+                    fut.set_exception(e if isinstance(e, CotuneError) else CotuneError(f"{type(e).__name__}: {e}"))
             self.predictions.serve()
             self.generations.serve()
             if self._wake.is_set() or time.monotonic() - last_sync > 1.0:
@@ -136,7 +166,8 @@ class JobRunner:
                 if not (self.predictions.pending or self.generations.pending):
                     self._wake.wait(0.5)
                 continue
-            jobs.round()
+            if not jobs.round():  # every active job waits for its remote worker
+                self._wake.wait(0.05)
         jobs.checkpoint_all()
         self.predictions.fail_pending()
         self.generations.fail_pending()
@@ -166,4 +197,5 @@ class JobRunner:
         admission = Admission(ModelShape.of(model, model_task == "causal_lm"), max(0, limit - weights))
         self.jobs = Jobs(self.config, self.store, bank, trainer, mixer, tokenizer, model_task, LoadedAdapters(bank),
                          admission)
+        self.jobs.on_remote = self._on_remote
         self.predictions.jobs = self.generations.jobs = self.jobs

@@ -14,6 +14,7 @@ the store holds either the old or the new version of each file, never half of on
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -54,6 +55,8 @@ CREATE INDEX IF NOT EXISTS files_tenant ON files(tenant_id);
 
 #: Job states. ``queued`` and ``running`` jobs are (re)started by the runner when the server starts.
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+#: a remote-fitter job whose worker did not answer in time: out of the rounds until a worker connects again
+PAUSED = "paused"
 ACTIVE_STATES = (QUEUED, RUNNING)
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
 
@@ -306,12 +309,11 @@ class Store:
 
     # -- metrics -----------------------------------------------------------------------------------------
     def add_metrics(self, job_id: str, step: int, values: dict[str, float]) -> None:
+        """Log ``values`` at ``step``; a non-finite value is left out (SQLite would store NaN as NULL)."""
         now = time.time()
+        rows = [(job_id, step, k, float(v), now) for k, v in values.items() if math.isfinite(float(v))]
         with self._tx() as db:
-            db.executemany(
-                "INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
-                [(job_id, step, k, float(v), now) for k, v in values.items()],
-            )
+            db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?)", rows)
 
     def truncate_metrics(self, job_id: str, after_step: int) -> None:
         """Drop metrics logged after ``after_step`` (a resumed job repeats those steps from its checkpoint)."""

@@ -56,7 +56,8 @@ class ProcessRunner:
         self._lock = threading.Lock()  # guards the pipe, the in-flight requests and the outbox
         self._conn: Connection | None = None
         self._outbox: list[tuple] = []  # messages sent while no trainer is up, delivered to the next one
-        self._predicts: dict[int, Future] = {}
+        self._predicts: dict[int, Future] = {}  # predictions and remote weights deliveries
+        self.remote_views: dict[str, dict[str, Any]] = {}  # the trainer's, mirrored (``JobRunner.remote_views``)
         self._generates: dict[int, GenerateRequest] = {}
         self._state: dict[str, Any] = {"ready": False, "error": None}
         self._active: list[str] = []  # job ids the trainer trains now (blamed if it dies)
@@ -105,6 +106,18 @@ class ProcessRunner:
         self._send(("predict", rid, job, list(inputs), max_new_tokens))
         return fut
 
+    def remote_view(self, job_id: str) -> dict[str, Any] | None:
+        view = self.remote_views.get(job_id)
+        return dict(view) if view is not None else None
+
+    def deliver_weights(self, job_id: str, data: bytes) -> Future:
+        fut: Future = Future()
+        rid = next(self._ids)
+        with self._lock:
+            self._predicts[rid] = fut
+        self._send(("deliver", rid, job_id, bytes(data)))
+        return fut
+
     def submit_generate(self, req: GenerateRequest) -> None:
         rid = next(self._ids)
         with self._lock:
@@ -145,6 +158,7 @@ class ProcessRunner:
                 self._predicts, self._generates = {}, {}
             self._ready.clear()
             self._state = {"ready": False, "error": None}
+            self.remote_views.clear()
             reason = CotuneError("the trainer process restarted; retry the request")
             for fut in in_flight[0]:
                 fut.set_exception(reason)
@@ -179,6 +193,11 @@ class ProcessRunner:
                     self._ready.set()
             elif kind == "admission":
                 self._admission = msg[1]
+            elif kind == "remote":
+                if msg[2] is None:
+                    self.remote_views.pop(msg[1], None)
+                else:
+                    self.remote_views[msg[1]] = {**self.remote_views.get(msg[1], {}), **msg[2]}
             elif kind == "predicted":
                 with self._lock:
                     fut = self._predicts.pop(msg[1], None)
@@ -243,6 +262,7 @@ def trainer_main(config: ServiceConfig, conn: Connection, log_level: int = loggi
 
     store = Store(config.root, clean=False)  # uploads in progress belong to the API: never clean them here
     runner = JobRunner(config, store)
+    runner.remote_sink = lambda job_id, fields: send(("remote", job_id, fields))
     runner.start()
     done = threading.Event()
     threading.Thread(target=_report, args=(runner, send, done), daemon=True).start()
@@ -257,11 +277,11 @@ def trainer_main(config: ServiceConfig, conn: Connection, log_level: int = loggi
                 runner.notify()
             elif kind == "forget":
                 runner.forget(msg[1])
-            elif kind == "predict":
-                _, rid, job, inputs, max_new = msg
-                runner.submit_predict(job, inputs, max_new).add_done_callback(
-                    lambda f, rid=rid: send(("predicted", rid, f.exception() is None,
-                                             f.result() if f.exception() is None else _plain(f.exception()))))
+            elif kind in ("predict", "deliver"):
+                fut = runner.submit_predict(*msg[2:]) if kind == "predict" else runner.deliver_weights(*msg[2:])
+                fut.add_done_callback(
+                    lambda f, rid=msg[1]: send(("predicted", rid, f.exception() is None,
+                                                f.result() if f.exception() is None else _plain(f.exception()))))
             elif kind == "generate":
                 rid = msg[1]
 

@@ -1,0 +1,96 @@
+"""``/v1/jobs/{id}/worker``: the HTTP side of ColA's split for a job with ``engine_options.fitter = "remote"``.
+
+The job's owner runs ``cotune worker`` on their own machine, with their own token; the server never holds that
+job's optimizer. The worker reads the adapter description and the current weights, then repeats: fetch the
+awaited capture frame (long poll), send back the weights frame of that update. Frames are safetensors
+(``cotune.engines.gradient_learning.remote``). Another tenant's job is a 404 here as everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, Response
+
+from cotune.errors import CotuneError
+from cotune.service.routes.deps import ConfigDep, RunnerDep, StoreDep, Tenant, own_job
+from cotune.service.store import FINAL_STATES, PAUSED, QUEUED, JobRecord
+
+router = APIRouter(tags=["worker"])
+
+#: how long one capture request waits for the frame before answering 204 (the worker asks again)
+LONG_POLL_S = 20.0
+DELIVER_TIMEOUT_S = 120.0
+
+
+def remote_job(store: Any, job_id: str, tid: str) -> JobRecord:
+    job = own_job(store, job_id, tid)
+    opts = job.spec.get("engine_options") or {}
+    if job.spec.get("engine") != "gl" or opts.get("fitter") != "remote":
+        raise HTTPException(409, f"job {job_id} does not train with a remote fitter (engine 'gl' with "
+                                 "engine_options.fitter = 'remote')")
+    return job
+
+
+@router.get("/v1/jobs/{job_id}/worker")
+def worker_info(job_id: str, tid: Tenant, store: StoreDep, runner: RunnerDep) -> dict[str, Any]:
+    """The job's state for its worker: status, steps, the adapter description once it trains, the applied update.
+
+    A job paused for want of its worker is queued again by this request (the worker is back)."""
+    job = remote_job(store, job_id, tid)
+    if job.status == PAUSED and store.update_job(job.id, only_if=(PAUSED,), status=QUEUED, error=None):
+        runner.notify()
+        job = remote_job(store, job_id, tid)
+    view = runner.remote_view(job.id) or {}
+    return {"job_id": job.id, "status": job.status, "step": job.step, "total_steps": job.total_steps,
+            "interval": int((job.spec.get("engine_options") or {}).get("interval", 1)),
+            "setup": view.get("setup"), "applied": view.get("applied"), "error": job.error}
+
+
+@router.get("/v1/jobs/{job_id}/worker/weights")
+def worker_weights(job_id: str, tid: Tenant, store: StoreDep, runner: RunnerDep) -> Response:
+    """The job's adapter weights after its last applied update (a weights frame)."""
+    job = remote_job(store, job_id, tid)
+    view = runner.remote_view(job.id)
+    if not view or "weights" not in view:
+        raise HTTPException(409, f"job {job_id} is {job.status}, not training: no weights to start from")
+    return Response(view["weights"], media_type="application/octet-stream")
+
+
+@router.get("/v1/jobs/{job_id}/worker/capture")
+async def worker_capture(job_id: str, tid: Tenant, store: StoreDep, runner: RunnerDep) -> Response:
+    """The capture frame the job awaits weights for (header ``X-Cotune-Update``); 204 after a wait without one,
+    410 once the job has ended."""
+    end = time.monotonic() + LONG_POLL_S
+    while True:
+        job = await asyncio.to_thread(remote_job, store, job_id, tid)
+        if job.status in FINAL_STATES:
+            raise HTTPException(410, f"job {job_id} is {job.status}")
+        frame = (runner.remote_view(job.id) or {}).get("frame")
+        if frame is not None:
+            return Response(frame[1], media_type="application/octet-stream", headers={"X-Cotune-Update": str(frame[0])})
+        if time.monotonic() > end:
+            return Response(status_code=204)
+        await asyncio.sleep(0.02)
+
+
+@router.post("/v1/jobs/{job_id}/worker/weights")
+async def worker_deliver(job_id: str, request: Request, tid: Tenant, store: StoreDep, config: ConfigDep,
+                         runner: RunnerDep) -> dict[str, Any]:
+    """The worker's weights frame for the awaited update: checked (names, shapes, dtypes, finite) and applied
+    before the job's next step; a bad one is a 400 and the job's adapter stays as it was."""
+    await asyncio.to_thread(remote_job, store, job_id, tid)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > config.max_upload_bytes:
+            raise HTTPException(413, f"weights frame over {config.max_upload_bytes} bytes")
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(runner.deliver_weights(job_id, bytes(body))),
+                                      timeout=DELIVER_TIMEOUT_S)
+    except CotuneError as e:
+        raise HTTPException(400, str(e)) from e
+    except TimeoutError as e:
+        raise HTTPException(503, "the trainer did not take the weights in time; send them again") from e

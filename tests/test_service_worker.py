@@ -1,0 +1,64 @@
+"""ColA's split through the service: a job's adapter update in ``cotune worker``, another process, over HTTP.
+
+A real ``cotune serve`` (MiniLM) on loopback. Tenant A's gl job with ``engine_options.fitter = "remote"``
+trains while ``cotune worker`` (a subprocess with A's token) holds its optimizer; it ends equal (1e-6
+relative to the update) to the same job with the server-side fitter, after 20 AdamW steps, and the worker
+saves the adapter in PEFT format. Tenant B cannot reach A's worker routes (404); a forged weights frame is a
+400 and the job goes on to the same result.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+from test_service_restart import sst2_rows, wait_for
+
+from cotune.service.client import Client, ServiceError
+from cotune.service.launch import ServerProcess
+
+
+def test_a_remote_worker_job_equals_the_server_side_fitter(tmp_path, shared_data):
+    root = tmp_path / "root"
+    spec = {"task": "seq_cls", "engine": "gl", "steps": 20, "batch_size": 4, "max_length": 32,
+            "adapter": {"r": 4}, "optim": {"lr": 3e-3}, "seed": 5}
+    with ServerProcess(root, ["--threads", "1", "--rate-limit", "0"]) as srv:
+        a, b = Client(srv.url), Client(srv.url)
+        a.register("alice")
+        b.register("bob")
+        f = a.upload_bytes(sst2_rows(shared_data), "train.tsv")
+        job = a.submit({**spec, "train": {"file_id": f["id"]}, "engine_options": {"fitter": "remote"}})
+        for path in ("", "/weights", "/capture"):  # another tenant's job does not exist for bob
+            try:
+                b.request("GET", f"/v1/jobs/{job['id']}/worker{path}")
+                raise AssertionError("bob reached alice's worker route")
+            except ServiceError as e:
+                assert e.status == 404
+        # the job trains once it has weights to start from, and waits for its worker: no step without one
+        wait_for(lambda: a.request("GET", f"/v1/jobs/{job['id']}/worker").json()["setup"] is not None, 120,
+                 "the job's setup", srv)
+        try:
+            a.request("POST", f"/v1/jobs/{job['id']}/worker/weights", content=b"not a frame")
+            raise AssertionError("a forged frame was taken")
+        except ServiceError as e:
+            assert e.status == 400 and "frame" in str(e)
+        assert a.status(job["id"])["step"] <= 1  # one step at most: it waits for update 1's weights
+        env = {**os.environ, "COTUNE_TOKEN": a.token, "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run([sys.executable, "-m", "cotune.cli", "worker", "--server", srv.url, "--job", job["id"],
+                              "--state", str(tmp_path / "worker")], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr + srv.log_tail()
+        assert a.status(job["id"])["status"] == "succeeded"
+        assert "MB per update" in out.stderr and (tmp_path / "worker" / "adapter" / "adapter_config.json").exists()
+        server_side = a.submit({**spec, "train": {"file_id": f["id"]}})
+        assert a.wait(server_side["id"], timeout=300)["status"] == "succeeded"
+    remote_ad = load_file(str(tmp_path / "worker" / "adapter" / "adapter_model.safetensors"))
+    server_ad = load_file(str(root / "jobs" / server_side["id"] / "adapter" / "adapter_model.safetensors"))
+    assert remote_ad.keys() == server_ad.keys()
+    for k in remote_ad:
+        scale = float(server_ad[k].abs().max())
+        assert scale > 0 and float((remote_ad[k] - server_ad[k]).abs().max()) <= 1e-6 * max(scale, 1.0), k
+    assert any(not torch.equal(remote_ad[k], torch.zeros_like(remote_ad[k])) for k in remote_ad)
