@@ -62,3 +62,62 @@ def test_a_remote_worker_job_equals_the_server_side_fitter(tmp_path, shared_data
         scale = float(server_ad[k].abs().max())
         assert scale > 0 and float((remote_ad[k] - server_ad[k]).abs().max()) <= 1e-6 * max(scale, 1.0), k
     assert any(not torch.equal(remote_ad[k], torch.zeros_like(remote_ad[k])) for k in remote_ad)
+
+
+def _worker(srv: ServerProcess, token: str, job_id: str, state, log) -> subprocess.Popen:
+    env = {**os.environ, "COTUNE_TOKEN": token, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cotune.cli", "worker", "--server", srv.url, "--job", job_id,
+                             "--state", str(state)], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_worker_and_server_killed_mid_run_the_job_ends_as_if_uninterrupted(tmp_path, shared_data):
+    root, args = tmp_path / "root", ["--threads", "1", "--rate-limit", "0"]
+    spec = {"task": "seq_cls", "engine": "gl", "steps": 24, "batch_size": 4, "max_length": 32,
+            "adapter": {"r": 4}, "optim": {"lr": 3e-3}, "seed": 9}
+    srv = ServerProcess(root, args).start()
+    log = open(tmp_path / "worker.log", "ab")  # noqa: SIM115
+    try:
+        a = Client(srv.url)
+        a.register("alice")
+        f = a.upload_bytes(sst2_rows(shared_data), "train.tsv")
+        job = a.submit({**spec, "train": {"file_id": f["id"]}, "engine_options": {"fitter": "remote"}})
+        w = _worker(srv, a.token, job["id"], tmp_path / "state", log)
+        wait_for(lambda: a.status(job["id"])["step"] >= 6, 180, "six steps", srv)
+        w.kill()  # SIGKILL, wherever it is: computing, saving or sending an update
+        w.wait(30)
+        w = _worker(srv, a.token, job["id"], tmp_path / "state", log)  # the same state folder
+        wait_for(lambda: a.status(job["id"])["step"] >= 14, 180, "fourteen steps", srv)
+        srv.kill()  # the API and its trainer; the worker keeps retrying until the server is back
+        srv = ServerProcess(root, args, port=srv.port).start()
+        assert w.wait(600) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+        a = Client(srv.url, token=a.token)
+        assert a.status(job["id"])["status"] == "succeeded"
+        steps = [m["step"] for m in a.metrics(job["id"]) if m["name"] == "loss"]
+        assert steps == list(range(1, 25))
+        ref = a.submit({**spec, "train": {"file_id": f["id"]}})
+        assert a.wait(ref["id"], timeout=300)["status"] == "succeeded"
+    finally:
+        log.close()
+        srv.stop()
+    got = load_file(str(tmp_path / "state" / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(root / "jobs" / ref["id"] / "adapter" / "adapter_model.safetensors"))
+    for k in want:
+        assert float((got[k] - want[k]).abs().max()) <= 1e-6 * max(float(want[k].abs().max()), 1.0), k
+
+
+def test_a_job_without_its_worker_pauses_and_resumes_when_it_comes(tmp_path, shared_data):
+    spec = {"task": "seq_cls", "engine": "gl", "steps": 4, "batch_size": 4, "max_length": 32, "adapter": {"r": 4},
+            "engine_options": {"fitter": "remote"}}
+    with ServerProcess(tmp_path / "root", ["--threads", "1", "--rate-limit", "0", "--worker-timeout", "2"]) as srv:
+        a = Client(srv.url)
+        a.register("alice")
+        f = a.upload_bytes(sst2_rows(shared_data), "train.tsv")
+        job = a.submit({**spec, "train": {"file_id": f["id"]}})
+        other = a.submit({**spec, "train": {"file_id": f["id"]}, "engine_options": {}})  # server-side fitter
+        paused = wait_for(lambda: (s := a.status(job["id"]))["status"] == "paused" and s, 120, "the pause", srv)
+        assert "cotune worker" in paused["error"]
+        assert a.wait(other["id"], timeout=120)["status"] == "succeeded"  # it never waited for the worker
+        with open(tmp_path / "worker.log", "ab") as log:
+            assert _worker(srv, a.token, job["id"], tmp_path / "state", log).wait(300) == 0
+        out = a.status(job["id"])
+        assert out["status"] == "succeeded" and out["error"] is None

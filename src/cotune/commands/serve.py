@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tenant-compute-tokens", type=float, default=None,
                    help="compute quota per tenant in training token slots, steps x batch_size x max_length over all "
                         "its jobs, deleted ones included (default: none)")
+    p.add_argument("--worker-timeout", type=float, default=300.0,
+                   help="seconds a remote-fitter job waits for its cotune worker's weights before it pauses "
+                        "(it resumes when the worker connects again); the other jobs never wait")
     p.add_argument("--memory-limit-mb", type=float, default=None,
                    help="memory for the base model and the training step of all jobs (default: half the machine's); "
                         "a job that cannot fit is refused, one that fits alone waits until others finish")
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
         max_adapter_params=args.max_adapter_params, rate_limit=args.rate_limit,
         tenant_storage_bytes=int(args.tenant_storage_mb * 2**20), torch_threads=args.threads,
-        max_step_tokens=args.max_step_tokens,
+        max_step_tokens=args.max_step_tokens, worker_timeout_s=args.worker_timeout,
         tenant_compute_tokens=int(args.tenant_compute_tokens) if args.tenant_compute_tokens else None,
         memory_limit_bytes=int(args.memory_limit_mb * 2**20) if args.memory_limit_mb else None,
     )

@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None, help="your tenant token (default $COTUNE_TOKEN)")
     p.add_argument("--state", default=None, help="folder for this worker's optimizer state (default ./worker-<job>)")
     p.add_argument("--out", default=None, help="where the finished adapter goes (default <state>/adapter)")
+    p.add_argument("--patience", type=float, default=600.0,
+                   help="seconds to keep retrying while the server cannot be reached (a restart), then give up")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     state_dir = Path(args.state or f"worker-{args.job}")
     state_dir.mkdir(parents=True, exist_ok=True)
     state_file = state_dir / "state.pt"
-    client = Client(args.server, token=token, timeout=60)
+    client = _Patient(Client(args.server, token=token, timeout=60), args.patience)
     path = f"/v1/jobs/{args.job}/worker"
     worker: RemoteWorker | None = None
     answer: bytes | None = None  # the weights frame of ``worker.update`` (sent again if the server lost it)
@@ -78,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 client.request("POST", f"{path}/weights", content=answer)
             except ServiceError as e:
+                if e.status == 409:  # the server restarted or already has them: ask what it awaits now
+                    continue
                 raise CotuneError(f"the server refused update {update}'s weights: {e}") from e
             if bar is not None:
                 bar.set_postfix_str(f"in {received / 1e6:.2f} MB, out {sent / 1e6:.2f} MB per update")
@@ -89,6 +93,31 @@ def run(args: argparse.Namespace) -> int:
     out = client.download(args.job, args.out or state_dir / "adapter")
     print(f"job {args.job} succeeded; adapter (PEFT format) in {out}")
     return 0
+
+
+class _Patient:
+    """The client, retrying while the server is unreachable or answers 502/503 (it is restarting)."""
+
+    def __init__(self, client: Any, patience: float) -> None:
+        self.client, self.patience = client, patience
+
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        from cotune.service.client import ServiceError
+
+        end = time.monotonic() + self.patience
+        while True:
+            try:
+                return self.client.request(method, path, **kw)
+            except ServiceError as e:
+                if e.status not in (502, 503) or time.monotonic() > end:
+                    raise
+            except CotuneError:  # cannot reach the server
+                if time.monotonic() > end:
+                    raise
+            time.sleep(1.0)
+
+    def download(self, job_id: str, folder: Any) -> Path:
+        return self.client.download(job_id, folder)
 
 
 def _start(info: dict[str, Any], state_file: Path, client: Any, path: str, remote_worker: Any, decode: Any,

@@ -231,7 +231,9 @@ class Jobs:
         """A remote job's worker sent the weights of the update it awaits: check, apply, then checkpoint or finish."""
         job = next((j for j in self.active.values() if j.rec.id == job_id), None)
         if job is None or job.remote is None:
-            raise CotuneError(f"job {job_id} is not training with a remote fitter now")
+            from cotune.engines.gradient_learning.remote import StaleUpdate
+
+            raise StaleUpdate(f"job {job_id} is not training now (queued, restarting or ended)")
         stats = job.remote.deliver(data)  # CotuneError on a bad frame: the adapter stays as it was
         job.awaiting_since = None
         worker_stats = {k: stats[k] for k in ("grad_norm", "lr", "fit_s") if isinstance(stats.get(k), int | float)}

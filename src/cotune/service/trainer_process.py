@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
-from cotune.errors import CotuneError
+from cotune.errors import CotuneError, Unavailable
 from cotune.service.config import ServiceConfig
 from cotune.service.generations import GenerateRequest
 from cotune.service.store import ACTIVE_STATES, FAILED, JobRecord, Store
@@ -159,7 +159,7 @@ class ProcessRunner:
             self._ready.clear()
             self._state = {"ready": False, "error": None}
             self.remote_views.clear()
-            reason = CotuneError("the trainer process restarted; retry the request")
+            reason = Unavailable("the trainer process restarted; retry the request")
             for fut in in_flight[0]:
                 fut.set_exception(reason)
             for req in in_flight[1]:

@@ -34,6 +34,11 @@ from cotune.errors import CotuneError
 FRAME_FORMAT = "cotune-remote-1"
 
 
+class StaleUpdate(CotuneError):
+    """Weights for an update the server does not await (already applied, or not computed yet after a restart):
+    not the worker's fault; it fetches the awaited capture again."""
+
+
 # -- frames ------------------------------------------------------------------------------------------------
 def encode_capture(update: int, messages: list[Message]) -> bytes:
     """One update's messages as a safetensors frame; tensors ``<i>.u``/``<i>.delta`` or ``<i>.s``/``<i>.delta_sum``."""
@@ -234,7 +239,7 @@ class RemoteFitter:
         """Check the weights frame of the awaited update and make it the tenant's weights; its stats."""
         update, tensors, stats = decode_weights(data)
         if self.awaiting is None or update != self.awaiting:
-            raise CotuneError(f"weights of update {update}, but the server awaits "
+            raise StaleUpdate(f"weights of update {update}, but the server awaits "
                               f"{'none' if self.awaiting is None else f'update {self.awaiting}'}")
         if set(tensors) != set(self.named):
             diff = sorted(set(tensors) ^ set(self.named))

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException
 
-from cotune.errors import CotuneError
+from cotune.errors import CotuneError, Unavailable
 from cotune.service.routes.deps import ConfigDep, RunnerDep, StoreDep, Tenant, own_job
 from cotune.service.schemas import PredictRequest
 from cotune.service.store import SUCCEEDED
@@ -33,6 +33,8 @@ async def predict(
     fut = runner.submit_predict(job, body.inputs, body.max_new_tokens)
     try:
         out = await asyncio.wait_for(asyncio.wrap_future(fut), timeout=PREDICT_TIMEOUT_S)
+    except Unavailable as e:
+        raise HTTPException(503, str(e)) from e
     except CotuneError as e:
         raise HTTPException(400, str(e)) from e
     except TimeoutError as e:

@@ -14,7 +14,8 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
 
-from cotune.errors import CotuneError
+from cotune.engines.gradient_learning.remote import StaleUpdate
+from cotune.errors import CotuneError, Unavailable
 from cotune.service.routes.deps import ConfigDep, RunnerDep, StoreDep, Tenant, own_job
 from cotune.service.store import FINAL_STATES, PAUSED, QUEUED, JobRecord
 
@@ -90,6 +91,10 @@ async def worker_deliver(job_id: str, request: Request, tid: Tenant, store: Stor
     try:
         return await asyncio.wait_for(asyncio.wrap_future(runner.deliver_weights(job_id, bytes(body))),
                                       timeout=DELIVER_TIMEOUT_S)
+    except Unavailable as e:
+        raise HTTPException(503, str(e)) from e
+    except StaleUpdate as e:  # not awaited (now): the worker fetches the awaited capture again
+        raise HTTPException(409, str(e)) from e
     except CotuneError as e:
         raise HTTPException(400, str(e)) from e
     except TimeoutError as e:
