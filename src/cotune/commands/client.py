@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--task", default=None, help="seq_cls or causal_lm (default: what the server's base model trains)")
     s.add_argument("--method", default="lowrank")
     s.add_argument("--engine", default="backprop", choices=("backprop", "gl", "zo"))
+    s.add_argument("--fitter", default="server", choices=("server", "remote"),
+                   help="gl: where the adapter's update runs; remote: on your machine, with cotune worker --job ID")
     s.add_argument("--steps", type=int, default=100)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--max-length", type=int, default=128)
@@ -95,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
                 spec = {"train": train, "seed": args.seed, **({"task": args.task} if args.task else {}), "method": args.method, "engine": args.engine,
                         "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
                         "optim": {"lr": args.lr}, "adapter": parse_overrides(args.overrides)}
+                if args.fitter == "remote":
+                    if args.engine != "gl":
+                        raise CotuneError("--fitter remote is a gradient-learning option: add --engine gl")
+                    spec["engine_options"] = {"fitter": "remote"}
             job = c.submit(spec)
             _print(c.wait(job["id"]) if args.wait else job)
         elif args.action == "status":
