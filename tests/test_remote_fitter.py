@@ -107,3 +107,18 @@ def test_a_worker_refuses_a_capture_out_of_order_and_resumes_from_its_state(smal
     again.load_state_dict(saved)  # a worker restarted from the state saved before the update
     (_, a, _), (_, b, _) = remote.decode_weights(again.answer(frame)), remote.decode_weights(first)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # recomputed bit for bit
+
+
+@pytest.mark.parametrize("family", families())
+def test_through_the_frames_the_worker_is_bit_exact_with_the_server_side_fitter(small, family):
+    """Same pairs (fp32 wire, no statistic), same Fitter: 20 AdamW steps through safetensors frames change no bit."""
+    base, data = small
+    model = verify.prepared(base, family)
+    init = verify.snapshot(model, "verify")
+    opt = OptimConfig(optimizer="adamw", lr=1e-3)
+    out = {}
+    for placement in ("inline", "loopback"):
+        out[placement], stats = verify.trajectory(model, "verify", init, "gl", opt, data, 20, placement=placement,
+                                                  sufficient_statistic="off")
+    assert verify.rel_update(out["loopback"], out["inline"], init) == 0.0
+    assert any(not torch.equal(out["loopback"][k], init[k]) for k in init)  # it trained
