@@ -2,8 +2,10 @@
 
 ``placement="loopback"`` answers every capture frame with a ``RemoteWorker`` in this process through the same
 safetensors bytes the service sends over HTTP, so the worker's math and the frame format are proven here, on a
-two-layer MiniLM (real weights) with 4 x 64-token SST-2 batches: for every family, the adapters equal
-backprop after 10 AdamW steps, to 1e-10 relative to the update in float64, and within 2x backprop's own rounding envelope in fp32.
+two-layer MiniLM (real weights) with 4 x 64-token SST-2 batches. Through pairs, every family's worker is bit-exact
+with the server-side fitter after 20 AdamW steps; through the statistic (the affine families), the adapters equal
+backprop after 10 AdamW steps, to 1e-10 relative to the update in float64 and within 2x backprop's own rounding
+envelope in fp32.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ def small():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", families())
-def test_the_remote_worker_equals_backprop_for_every_family(small, family):
+@pytest.mark.parametrize("family", ["lowrank", "linear", "cola", "loretta_rep"])
+def test_the_remote_worker_equals_backprop_through_the_statistic(small, family):
+    """The families affine in u, where the remote wire ships Σδuᵀ instead of the pairs (``auto``); every other
+    family ships pairs, bit-exact with the server-side fitter (the test below)."""
     base, data = small
     results = [r for r in verify.verify_family(base, family, data, SETTINGS) if r.check == "loopback"]
     assert {r.dtype for r in results} == {"fp32", "float64"}
