@@ -172,3 +172,21 @@ def test_step_size_bound_and_compute_quota(tmp_path):
         assert (me["compute_tokens"], me["compute_tokens_planned"], me["compute_quota_tokens"]) == (2560, 0, 10_000)
         assert app.post("/v1/jobs", json={**spec, "steps": 14}, headers=auth).status_code == 201  # 2560 + 7168
         assert app.post("/v1/jobs", json={**spec, "steps": 1}, headers=auth).status_code == 429  # + 512 > 10000
+
+
+def test_a_late_answer_to_a_request_that_gave_up_is_dropped():
+    """A timed-out request cancels its future; the runner's late answer must not raise (it killed the trainer's
+    pipe reader once, and every later request then hung)."""
+    from concurrent.futures import Future
+
+    from cotune.errors import CotuneError
+    from cotune.service.pending import settle
+
+    gave_up = Future()
+    assert gave_up.cancel()
+    settle(gave_up, {"late": True})
+    settle(gave_up, error=CotuneError("late"))
+    fut = Future()
+    settle(fut, 7)
+    settle(fut, 8)  # settled once: the first answer stands
+    assert fut.result() == 7

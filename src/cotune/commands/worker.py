@@ -61,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
                 worker, answer = _start(info, state_file, client, path, RemoteWorker, decode_weights, torch)
                 total = info["total_steps"] // max(1, info["interval"])
                 bar = tqdm(total=total, initial=worker.update, desc=f"worker {args.job[:8]}", unit="update")
-            r = client.request("GET", f"{path}/capture", timeout=60)
+            try:
+                r = client.request("GET", f"{path}/capture", timeout=60)
+            except ServiceError as e:
+                if e.status == 410:  # it has just ended: the next look at its status says how
+                    continue
+                raise
             if r.status_code == 204:
                 continue
             update = int(r.headers["X-Cotune-Update"])

@@ -81,6 +81,7 @@ class Jobs:
         self.tokenizer, self.model_task, self.loaded, self.admission = tokenizer, model_task, loaded, admission
         self.active: dict[str, ActiveJob] = {}
         self.rounds = 0
+        self._delivered_last: list[ActiveJob] = []
         #: ``on_remote(job id, fields)``: what a remote job's worker may fetch changed (``None``: it left)
         self.on_remote: Callable[[str, dict[str, Any] | None], None] = lambda job_id, fields: None
 
@@ -243,10 +244,16 @@ class Jobs:
         self.on_remote(job_id, {"applied": job.remote.updates, "frame": None, "weights": data})
         update = job.remote.updates
         if job.step >= job.rec.total_steps:
-            self._guard(job, self._finish, job)
+            self._delivered_last.append(job)  # finished by ``finish_delivered``, once the worker has its answer
         else:  # every applied update: a restart resumes exactly where the worker's weights are
             self._guard(job, self._checkpoint, job)
         return {"update": update, "step": job.step}
+
+    def finish_delivered(self) -> None:
+        """Finish the remote jobs whose last update came back (evaluation, adapter, succeeded)."""
+        done, self._delivered_last = self._delivered_last, []
+        for job in done:
+            self._guard(job, self._finish, job)
 
     def _pause(self, job: ActiveJob) -> None:
         waited = time.monotonic() - (job.awaiting_since or time.monotonic())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Generic, TypeVar
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -26,3 +27,14 @@ class Pending(Generic[T]):
 
     def __bool__(self) -> bool:
         return bool(self._items)
+
+
+def settle(fut: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve ``fut`` unless its caller gave up on it (a timed-out request cancels its future): a late answer
+    must never raise inside the runner or the trainer's pipe reader."""
+    if fut.done():
+        return
+    try:
+        fut.set_exception(error) if error is not None else fut.set_result(result)
+    except InvalidStateError:  # cancelled between the check and the set
+        pass

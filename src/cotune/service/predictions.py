@@ -14,7 +14,7 @@ import torch
 
 from cotune.errors import CotuneError
 from cotune.service.config import ServiceConfig
-from cotune.service.pending import Pending
+from cotune.service.pending import Pending, settle
 from cotune.service.store import JobRecord, Store
 from cotune.service.workload import Workload
 
@@ -89,7 +89,7 @@ class Predictions:
                                       "/v1/chat/completions (model = the job id)")
                 ready.append((r, wl))
             except Exception as e:
-                r.future.set_exception(e if isinstance(e, CotuneError) else CotuneError(f"{type(e).__name__}: {e}"))
+                settle(r.future, error=e if isinstance(e, CotuneError) else CotuneError(f"{type(e).__name__}: {e}"))
         if not ready:
             return
         try:
@@ -99,15 +99,15 @@ class Predictions:
             log.error("prediction pass failed:\n%s", traceback.format_exc())
             err = e if isinstance(e, CotuneError) else CotuneError(f"prediction failed: {type(e).__name__}: {e}")
             for r, _ in ready:
-                r.future.set_exception(err)
+                settle(r.future, error=err)
             return
         self.passes += 1
         for (r, _), out in zip(ready, outs, strict=True):
-            r.future.set_result(out)
+            settle(r.future, out)
 
     def fail_pending(self, reason: str = "the service is shutting down") -> None:
         for r in self._pending.take():
-            r.future.set_exception(CotuneError(reason))
+            settle(r.future, error=CotuneError(reason))
 
 
 def predict_together(bank: Any, requests: list[tuple[str, Workload, list[str], int]]) -> list[list[dict[str, Any]]]:

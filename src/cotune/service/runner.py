@@ -27,7 +27,7 @@ from cotune.service.admission import Admission, ModelShape, machine_memory
 from cotune.service.config import ServiceConfig
 from cotune.service.generations import GenerateRequest, Generations
 from cotune.service.jobs import Jobs
-from cotune.service.pending import Pending
+from cotune.service.pending import Pending, settle
 from cotune.service.predictions import LoadedAdapters, Predictions, PredictRequest, predict_together
 from cotune.service.store import JobRecord, Store
 from cotune.service.workload import model_task_for
@@ -99,7 +99,7 @@ class JobRunner:
         """Queue a prediction; the future resolves to one dict per input (or raises ``CotuneError``)."""
         req = PredictRequest(job, list(inputs), max_new_tokens)
         if self.error:
-            req.future.set_exception(CotuneError(f"the service failed to start: {self.error}"))
+            settle(req.future, error=CotuneError(f"the service failed to start: {self.error}"))
             return req.future
         self.predictions.put(req)
         self._wake.set()
@@ -153,9 +153,10 @@ class JobRunner:
                 jobs.loaded.unload(key)
             for job_id, data, fut in self._deliveries.take():
                 try:
-                    fut.set_result(jobs.deliver(job_id, data))
+                    settle(fut, jobs.deliver(job_id, data))
                 except Exception as e:  # a bad frame is the worker's error, reported to it
-                    fut.set_exception(e if isinstance(e, CotuneError) else CotuneError(f"{type(e).__name__}: {e}"))
+                    settle(fut, error=e if isinstance(e, CotuneError) else CotuneError(f"{type(e).__name__}: {e}"))
+            jobs.finish_delivered()  # after the answers: a final evaluation must not hold the worker's request
             self.predictions.serve()
             self.generations.serve()
             if self._wake.is_set() or time.monotonic() - last_sync > 1.0:

@@ -32,6 +32,7 @@ from typing import Any
 from cotune.errors import CotuneError, Unavailable
 from cotune.service.config import ServiceConfig
 from cotune.service.generations import GenerateRequest
+from cotune.service.pending import settle
 from cotune.service.store import ACTIVE_STATES, FAILED, JobRecord, Store
 
 log = logging.getLogger("cotune.service")
@@ -161,7 +162,7 @@ class ProcessRunner:
             self.remote_views.clear()
             reason = Unavailable("the trainer process restarted; retry the request")
             for fut in in_flight[0]:
-                fut.set_exception(reason)
+                settle(fut, error=reason)
             for req in in_flight[1]:
                 req.emit(("error", reason))
             proc.join(30 if self._stopping.is_set() else 5)
@@ -186,30 +187,36 @@ class ProcessRunner:
                 msg = conn.recv()
             except (EOFError, OSError):
                 return
-            kind = msg[0]
-            if kind == "state":
-                self._state, self._active = msg[1], msg[2]
-                if msg[1].get("ready"):
-                    self._ready.set()
-            elif kind == "admission":
-                self._admission = msg[1]
-            elif kind == "remote":
-                if msg[2] is None:
-                    self.remote_views.pop(msg[1], None)
-                else:
-                    self.remote_views[msg[1]] = {**self.remote_views.get(msg[1], {}), **msg[2]}
-            elif kind == "predicted":
-                with self._lock:
-                    fut = self._predicts.pop(msg[1], None)
-                if fut is not None:
-                    fut.set_result(msg[3]) if msg[2] else fut.set_exception(msg[3])
-            elif kind == "event":
-                with self._lock:
-                    req = self._generates.get(msg[1])
-                    if req is not None and msg[2][0] in ("done", "error"):
-                        del self._generates[msg[1]]
-                if req is not None:
-                    req.emit(msg[2])
+            try:
+                self._dispatch(msg)
+            except Exception:  # a bad message must not silence the trainer for good
+                log.exception("the API could not handle the trainer's %r message", msg[0])
+
+    def _dispatch(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "state":
+            self._state, self._active = msg[1], msg[2]
+            if msg[1].get("ready"):
+                self._ready.set()
+        elif kind == "admission":
+            self._admission = msg[1]
+        elif kind == "remote":
+            if msg[2] is None:
+                self.remote_views.pop(msg[1], None)
+            else:
+                self.remote_views[msg[1]] = {**self.remote_views.get(msg[1], {}), **msg[2]}
+        elif kind == "predicted":
+            with self._lock:
+                fut = self._predicts.pop(msg[1], None)
+            if fut is not None:
+                settle(fut, msg[3]) if msg[2] else settle(fut, error=msg[3])
+        elif kind == "event":
+            with self._lock:
+                req = self._generates.get(msg[1])
+                if req is not None and msg[2][0] in ("done", "error"):
+                    del self._generates[msg[1]]
+            if req is not None:
+                req.emit(msg[2])
 
     def _forward_cancels(self, conn: Connection) -> None:
         with self._lock:
