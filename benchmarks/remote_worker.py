@@ -34,6 +34,7 @@ from cotune.service.launch import ServerProcess
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BANDWIDTHS = {"100 Mbit/s": 100e6, "1 Gbit/s": 1e9}
 ADAPTERS = {"lowrank": {"r": 8}, "linear": {}, "mlp": {}}
+NO_EVAL = {"val_fraction": 0.0, "test_fraction": 0.0}  # timing the training only: no held-out evaluation at the end
 SHAPES = {"minilm": (8, 128), "smollm2": (4, 128)}  # rows x tokens of a step
 
 
@@ -87,7 +88,7 @@ def run_model(model: str, a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         c.register("bench")
         f = c.upload_bytes(data_for(model), "train.tsv" if model == "minilm" else "train.json")
         for fam in a.families:
-            spec = {"train": {"file_id": f["id"]}, "engine": "gl", "method": fam, "adapter": ADAPTERS[fam],
+            spec = {"train": {"file_id": f["id"]}, "engine": "gl", "method": fam, "adapter": ADAPTERS[fam], "task_options": NO_EVAL,
                     "steps": a.steps, "batch_size": rows, "max_length": tokens, "optim": {"lr": 1e-4}, "seed": 1}
             runs = {}
             for name, opts in (("server", {}), ("remote", {"fitter": "remote"}), ("remote bf16",
@@ -121,7 +122,7 @@ def run_model(model: str, a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         # memory: K jobs of the last family at once, server-side fitters, then remote fitters with K workers
         fam = a.families[-1]
         spec = {"train": {"file_id": f["id"]}, "engine": "gl", "method": fam, "adapter": ADAPTERS[fam],
-                "steps": 10_000, "batch_size": rows, "max_length": tokens, "optim": {"lr": 1e-4}}
+                "task_options": NO_EVAL, "steps": 10_000, "batch_size": rows, "max_length": tokens, "optim": {"lr": 1e-4}}
         mem = {}
         for name, opts in (("server", {}), ("remote", {"fitter": "remote"})):
             jobs = [c.submit({**spec, "seed": i, "engine_options": opts})["id"] for i in range(a.k)]
