@@ -45,3 +45,15 @@ def sst2_batch(shared_data, minilm_tokenizer):
     sents, labels = zip(*(r.rsplit("\t", 1) for r in rows))
     enc = minilm_tokenizer(list(sents), return_tensors="pt", padding=True, truncation=True, max_length=64)
     return dict(enc), torch.tensor([int(x) for x in labels])
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Two-layer MiniLM (its real first layers, pooler and a new head) and four 4 x 64-token SST-2 batches: the
+    gradient-learning checks' model (``cotune verify``'s own helpers)."""
+    from cotune.commands import verify
+    from cotune.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    base = verify.keep_layers(load_model("minilm", "seq_cls", num_labels=2).eval(), 2)
+    return base, verify.batches(load_tokenizer("minilm"), 4, 64)

@@ -30,16 +30,6 @@ SETTINGS = verify.Settings(micro_batches=20, interval=4, rows=4, max_length=64, 
 AFFINE = {"lowrank", "linear", "cola", "loretta_rep"}  # families whose default config is affine in u
 
 
-@pytest.fixture(scope="module")
-def small():
-    """Two-layer MiniLM (its real first layers, pooler and a new head) and four 4 x 64-token batches."""
-    from cotune.models import load_model, load_tokenizer
-
-    torch.manual_seed(0)
-    base = verify.keep_layers(load_model("minilm", "seq_cls", num_labels=2).eval(), 2)
-    return base, verify.batches(load_tokenizer("minilm"), SETTINGS.rows, SETTINGS.max_length)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", families())
 def test_every_mode_equals_backprop_in_float64_and_within_the_fp32_envelope(small, family):

@@ -26,15 +26,6 @@ SETTINGS = verify.Settings(micro_batches=10, interval=1, rows=4, max_length=64, 
                            placements=("loopback",))
 
 
-@pytest.fixture(scope="module")
-def small():
-    from cotune.models import load_model, load_tokenizer
-
-    torch.manual_seed(0)
-    base = verify.keep_layers(load_model("minilm", "seq_cls", num_labels=2).eval(), 2)
-    return base, verify.batches(load_tokenizer("minilm"), SETTINGS.rows, SETTINGS.max_length)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["lowrank", "linear", "cola", "loretta_rep"])
 def test_the_remote_worker_equals_backprop_through_the_statistic(small, family):
