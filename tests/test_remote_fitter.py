@@ -50,10 +50,12 @@ def _server_end(small) -> remote.RemoteFitter:
 def _frame(fitter: remote.RemoteFitter) -> tuple[remote.RemoteWorker, bytes]:
     """A worker built from the server's setup, and the capture frame of update 1 (one Statistic per site)."""
     worker = remote.RemoteWorker(copy.deepcopy(fitter.setup()), fitter.weights())
+    frames: list[bytes] = []
+    fitter.outbox = lambda update, frame: frames.append(frame)
     for path, ad in fitter.adapters.items():
         fitter.submit(remote.Statistic(path, 0, torch.randn(ad.d_out, ad.d_in) * 1e-2, torch.randn(ad.d_out) * 1e-2))
     fitter.step()
-    return worker, fitter.last_frame[1]
+    return worker, frames[-1]
 
 
 def test_a_worker_update_comes_back_and_bad_weights_are_refused(small):

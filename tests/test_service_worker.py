@@ -108,7 +108,7 @@ def test_worker_and_server_killed_mid_run_the_job_ends_as_if_uninterrupted(tmp_p
 def test_a_job_without_its_worker_pauses_and_resumes_when_it_comes(tmp_path, shared_data):
     spec = {"task": "seq_cls", "engine": "gl", "steps": 4, "batch_size": 4, "max_length": 32, "adapter": {"r": 4},
             "engine_options": {"fitter": "remote"}}
-    with ServerProcess(tmp_path / "root", ["--threads", "1", "--rate-limit", "0", "--worker-timeout", "2"]) as srv:
+    with ServerProcess(tmp_path / "root", ["--threads", "1", "--rate-limit", "0", "--worker-timeout", "8"]) as srv:
         a = Client(srv.url)
         a.register("alice")
         f = a.upload_bytes(sst2_rows(shared_data), "train.tsv")

@@ -58,7 +58,13 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(0.5)
                 continue
             if worker is None:
-                worker, answer = _start(info, state_file, client, path, RemoteWorker, decode_weights, torch)
+                try:
+                    worker, answer = _start(info, state_file, client, path, RemoteWorker, decode_weights, torch)
+                except ServiceError as e:
+                    if e.status != 409:  # 409: it stopped training meanwhile (paused, restarting): look again
+                        raise
+                    time.sleep(0.5)
+                    continue
                 total = info["total_steps"] // max(1, info["interval"])
                 bar = tqdm(total=total, initial=worker.update, desc=f"worker {args.job[:8]}", unit="update")
             try:

@@ -238,7 +238,7 @@ class Jobs:
         stats = job.remote.deliver(data)  # CotuneError on a bad frame: the adapter stays as it was
         job.awaiting_since = None
         worker_stats = {k: stats[k] for k in ("grad_norm", "lr", "fit_s") if isinstance(stats.get(k), int | float)}
-        worker_stats["worker_bytes_out"] = len(job.remote.last_frame[1]) if job.remote.last_frame else 0
+        worker_stats["worker_bytes_out"] = job.remote.last_frame_bytes
         worker_stats["worker_bytes_in"] = len(data)  # what crossed the wire for this update, each way
         self.store.add_metrics(job_id, job.step, worker_stats)  # measured by the worker, where the optimizer is
         self.on_remote(job_id, {"applied": job.remote.updates, "frame": None, "weights": data})
@@ -370,7 +370,7 @@ class Jobs:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         # a cancel that came during the last step wins: the job stays cancelled (its adapter is there to delete)
-        self.store.update_job(job.rec.id, only_if=(RUNNING,), status=SUCCEEDED, step=job.step, finished=time.time(),
+        self.store.update_job(job.rec.id, only_if=(RUNNING,), status=SUCCEEDED, step=job.step, finished=time.time(), error=None,
                               result=result)
         checkpoints.discard(job_dir)
         self._leave_trainer(job)

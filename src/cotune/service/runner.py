@@ -49,7 +49,7 @@ class JobRunner:
         self._deliveries: Pending[tuple[str, bytes, Future]] = Pending()  # remote workers' weights frames
         #: per remote-fitter job: what its worker fetches (setup, weights, applied update, awaited frame)
         self.remote_views: dict[str, dict[str, Any]] = {}
-        #: also told of every change of ``remote_views`` (the trainer process forwards them to the API)
+        #: told of every change instead of ``remote_views`` (the trainer process forwards them to the API)
         self.remote_sink: Any = None
         self.jobs: Jobs | None = None
         self._wake = threading.Event()
@@ -118,12 +118,13 @@ class JobRunner:
         return fut
 
     def _on_remote(self, job_id: str, fields: dict[str, Any] | None) -> None:
+        if self.remote_sink is not None:  # the API process keeps the views (frames and weights are not copied here)
+            self.remote_sink(job_id, fields)
+            return
         if fields is None:
             self.remote_views.pop(job_id, None)
         else:
             self.remote_views[job_id] = {**self.remote_views.get(job_id, {}), **fields}
-        if self.remote_sink is not None:
-            self.remote_sink(job_id, fields)
 
     def submit_generate(self, req: GenerateRequest) -> None:
         """Queue a generation request; it hears its events through ``req.emit`` (see ``generations``)."""

@@ -208,7 +208,7 @@ class RemoteFitter:
         self.link = link
         #: ``outbox(update, frame)``: where frames go when there is no ``link`` (set by the service)
         self.outbox: Callable[[int, bytes], None] | None = None
-        self.last_frame: tuple[int, bytes] | None = None
+        self.last_frame_bytes = 0  # the size of the last capture frame (the frame itself is the outbox's)
         self.bytes_out = self.bytes_in = 0
 
     def setup(self) -> dict[str, Any]:
@@ -226,7 +226,7 @@ class RemoteFitter:
         self.updates += 1
         frame = encode_capture(self.updates, self.window)
         n, self.window = len(self.window), []
-        self.awaiting, self.last_frame = self.updates, (self.updates, frame)
+        self.awaiting, self.last_frame_bytes = self.updates, len(frame)
         self.bytes_out += len(frame)
         if self.link is not None:
             self.deliver(self.link(frame))
