@@ -257,8 +257,7 @@ class Jobs:
 
     def _pause(self, job: ActiveJob) -> None:
         waited = time.monotonic() - (job.awaiting_since or time.monotonic())
-        self._drop(job)
-        self.on_remote(job.rec.id, None)
+        self._drop(job)  # its worker's view goes with it (``_leave_trainer``)
         self.store.update_job(job.rec.id, only_if=(RUNNING,), status=PAUSED, error=(
             f"paused: its worker sent no weights for update {job.remote.awaiting} in {waited:.0f} s; start "
             f"`cotune worker --job {job.rec.id}` and it resumes from its last update"))

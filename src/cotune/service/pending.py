@@ -1,4 +1,4 @@
-"""Requests queued by the HTTP threads and taken, all at once, by the runner's worker thread."""
+"""What passes between the HTTP threads and the runner: queued requests, their futures, remote jobs' views."""
 
 from __future__ import annotations
 
@@ -38,3 +38,25 @@ def settle(fut: Future, result: Any = None, error: BaseException | None = None) 
         fut.set_exception(error) if error is not None else fut.set_result(result)
     except InvalidStateError:  # cancelled between the check and the set
         pass
+
+
+class RemoteViews:
+    """Per remote-fitter job, what its worker may fetch (setup, weights, applied update, awaited frame): changed by
+    partial ``update``s from the trainer, read whole by the worker routes."""
+
+    def __init__(self) -> None:
+        self._views: dict[str, dict[str, Any]] = {}
+
+    def update(self, job_id: str, fields: dict[str, Any] | None) -> None:
+        """Merge ``fields`` into the job's view; ``None``: the job left the trainer."""
+        if fields is None:
+            self._views.pop(job_id, None)
+        else:
+            self._views[job_id] = {**self._views.get(job_id, {}), **fields}
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        view = self._views.get(job_id)
+        return dict(view) if view is not None else None
+
+    def clear(self) -> None:
+        self._views.clear()

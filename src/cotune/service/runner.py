@@ -27,7 +27,7 @@ from cotune.service.admission import Admission, ModelShape, machine_memory
 from cotune.service.config import ServiceConfig
 from cotune.service.generations import GenerateRequest, Generations
 from cotune.service.jobs import Jobs
-from cotune.service.pending import Pending, settle
+from cotune.service.pending import Pending, RemoteViews, settle
 from cotune.service.predictions import LoadedAdapters, Predictions, PredictRequest, predict_together
 from cotune.service.store import JobRecord, Store
 from cotune.service.workload import model_task_for
@@ -47,8 +47,7 @@ class JobRunner:
         self.generations = Generations(config, store)
         self._forget: Pending[str] = Pending()  # tenant keys whose adapters were deleted
         self._deliveries: Pending[tuple[str, bytes, Future]] = Pending()  # remote workers' weights frames
-        #: per remote-fitter job: what its worker fetches (setup, weights, applied update, awaited frame)
-        self.remote_views: dict[str, dict[str, Any]] = {}
+        self.remote_views = RemoteViews()
         #: told of every change instead of ``remote_views`` (the trainer process forwards them to the API)
         self.remote_sink: Any = None
         self.jobs: Jobs | None = None
@@ -107,8 +106,7 @@ class JobRunner:
 
     def remote_view(self, job_id: str) -> dict[str, Any] | None:
         """What a remote-fitter job's worker may fetch now (``None``: the job is not training)."""
-        view = self.remote_views.get(job_id)
-        return dict(view) if view is not None else None
+        return self.remote_views.get(job_id)
 
     def deliver_weights(self, job_id: str, data: bytes) -> Future:
         """Queue a worker's weights frame; the future resolves to ``{"update", "step"}`` or raises ``CotuneError``."""
@@ -121,10 +119,7 @@ class JobRunner:
         if self.remote_sink is not None:  # the API process keeps the views (frames and weights are not copied here)
             self.remote_sink(job_id, fields)
             return
-        if fields is None:
-            self.remote_views.pop(job_id, None)
-        else:
-            self.remote_views[job_id] = {**self.remote_views.get(job_id, {}), **fields}
+        self.remote_views.update(job_id, fields)
 
     def submit_generate(self, req: GenerateRequest) -> None:
         """Queue a generation request; it hears its events through ``req.emit`` (see ``generations``)."""

@@ -32,7 +32,7 @@ from typing import Any
 from cotune.errors import CotuneError, Unavailable
 from cotune.service.config import ServiceConfig
 from cotune.service.generations import GenerateRequest
-from cotune.service.pending import settle
+from cotune.service.pending import RemoteViews, settle
 from cotune.service.store import ACTIVE_STATES, FAILED, JobRecord, Store
 
 log = logging.getLogger("cotune.service")
@@ -58,7 +58,7 @@ class ProcessRunner:
         self._conn: Connection | None = None
         self._outbox: list[tuple] = []  # messages sent while no trainer is up, delivered to the next one
         self._predicts: dict[int, Future] = {}  # predictions and remote weights deliveries
-        self.remote_views: dict[str, dict[str, Any]] = {}  # the trainer's, mirrored (``JobRunner.remote_views``)
+        self.remote_views = RemoteViews()  # the trainer's remote jobs, as its ``remote`` messages tell
         self._generates: dict[int, GenerateRequest] = {}
         self._state: dict[str, Any] = {"ready": False, "error": None}
         self._active: list[str] = []  # job ids the trainer trains now (blamed if it dies)
@@ -108,8 +108,7 @@ class ProcessRunner:
         return fut
 
     def remote_view(self, job_id: str) -> dict[str, Any] | None:
-        view = self.remote_views.get(job_id)
-        return dict(view) if view is not None else None
+        return self.remote_views.get(job_id)
 
     def deliver_weights(self, job_id: str, data: bytes) -> Future:
         fut: Future = Future()
@@ -201,10 +200,7 @@ class ProcessRunner:
         elif kind == "admission":
             self._admission = msg[1]
         elif kind == "remote":
-            if msg[2] is None:
-                self.remote_views.pop(msg[1], None)
-            else:
-                self.remote_views[msg[1]] = {**self.remote_views.get(msg[1], {}), **msg[2]}
+            self.remote_views.update(msg[1], msg[2])
         elif kind == "predicted":
             with self._lock:
                 fut = self._predicts.pop(msg[1], None)
