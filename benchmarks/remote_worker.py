@@ -6,8 +6,8 @@ server-side fitter, then with ``engine_options.fitter = "remote"`` and a ``cotun
 the capture frame (server -> worker) and weights frame (worker -> server) bytes per update, the median step time
 after 2 warm-up steps of both (from the job's metric timestamps), their ratio, and the time per step at
 100 Mbit/s and 1 Gbit/s computed from the measured bytes (loopback time + bytes x 8 / bandwidth: loopback
-already paid the serialisation). Then the trainer's memory (RSS) with K jobs training at once, K remote vs K
-server-side, for the last family. Also the final adapters' largest difference (fp32 wire: within 1e-6 of the
+already paid the serialisation). Then the server's memory (RSS of its trainer and API processes) with K jobs
+training at once, K remote vs K server-side, for the last family, each in a fresh server. Also the final adapters' largest difference (fp32 wire: within 1e-6 of the
 server-side fitter) and the bf16 wire's. Writes ``runs/bench/remote_worker/results.json`` and a plot.
 ``--smoke``: MiniLM, lowrank, 4 steps, K = 2.
 """
@@ -119,25 +119,47 @@ def run_model(model: str, a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "at": {bw: r["step_s"] + wire * 8 / bits for bw, bits in BANDWIDTHS.items()},
                 "max_rel_diff_fp32": rel["remote"], "max_rel_diff_bf16": rel["remote bf16"],
             }
-        # memory: K jobs of the last family at once, server-side fitters, then remote fitters with K workers
-        fam = a.families[-1]
-        spec = {"train": {"file_id": f["id"]}, "engine": "gl", "method": fam, "adapter": ADAPTERS[fam],
-                "task_options": NO_EVAL, "steps": 10_000, "batch_size": rows, "max_length": tokens, "optim": {"lr": 1e-4}}
-        mem = {}
-        for name, opts in (("server", {}), ("remote", {"fitter": "remote"})):
+    out["memory"] = memory(model, a, tmp)
+    return out
+
+
+def memory(model: str, a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """RSS of the trainer and of the API with K jobs of the last family training at once, K remote (with K workers)
+    against K server-side, each in a server of its own (a process's RSS keeps its high-water mark: measured one
+    after the other in one trainer, the second would read the first's peak). The median of samples taken while
+    every job is between step steps/2 and step steps."""
+    rows, tokens = SHAPES[model]
+    fam = a.families[-1]
+    res: dict[str, Any] = {"family": fam, "k": a.k}
+    for name, opts in (("server", {}), ("remote", {"fitter": "remote"})):
+        with ServerProcess(tmp / f"mem-{model}-{name}", ["--threads", "1", "--rate-limit", "0"], model=model) as srv:
+            c = Client(srv.url)
+            c.register("bench")
+            f = c.upload_bytes(data_for(model), "train.tsv" if model == "minilm" else "train.json")
+            while srv.trainer_pid() is None:
+                time.sleep(0.2)
+            idle = {"trainer": rss_mb(srv.trainer_pid()), "api": rss_mb(srv.pid)}
+            spec = {"train": {"file_id": f["id"]}, "engine": "gl", "method": fam, "adapter": ADAPTERS[fam],
+                    "task_options": NO_EVAL, "steps": 10_000, "batch_size": rows, "max_length": tokens, "optim": {"lr": 1e-4}}
             jobs = [c.submit({**spec, "seed": i, "engine_options": opts})["id"] for i in range(a.k)]
             ws = [worker(srv, c.token, j, tmp / f"mem-{model}-{j}") for j in jobs] if name == "remote" else []
-            end = time.monotonic() + 600
-            while time.monotonic() < end and not all(c.status(j)["step"] >= 3 for j in jobs):
+            samples: dict[str, list[float]] = {"trainer": [], "api": []}
+            end = time.monotonic() + 900
+            while time.monotonic() < end:
+                steps = [c.status(j)["step"] for j in jobs]
+                if min(steps) >= a.steps:
+                    break
+                if min(steps) >= max(2, a.steps // 2):
+                    samples["trainer"].append(rss_mb(srv.trainer_pid()))
+                    samples["api"].append(rss_mb(srv.pid))
                 time.sleep(0.5)
-            mem[name] = rss_mb(srv.trainer_pid() or srv.pid)
             for j in jobs:
                 c.cancel(j)
             for w in ws:
                 w.wait(60)
-            time.sleep(2)
-        out["memory"] = {"family": fam, "k": a.k, "trainer_rss_mb": mem}
-    return out
+        res[name] = {k: float(np.median(v)) if v else float("nan") for k, v in samples.items()}
+        res[name]["idle"] = idle
+    return res
 
 
 def main(argv: list[str]) -> int:
@@ -158,8 +180,11 @@ def main(argv: list[str]) -> int:
                   f"{x['at']['100 Mbit/s']:>10.3f} {x['at']['1 Gbit/s']:>9.3f} {x['max_rel_diff_fp32']:>9.1e} "
                   f"{x['max_rel_diff_bf16']:>9.1e}")
         mm = r["memory"]
-        print(f"{m}: trainer RSS with {mm['k']} {mm['family']} jobs at once: server-side fitters "
-              f"{mm['trainer_rss_mb']['server']:.0f} MB, remote {mm['trainer_rss_mb']['remote']:.0f} MB")
+        for name in ("server", "remote"):
+            x = mm[name]
+            print(f"{m}: {mm['k']} {mm['family']} jobs at once, {name + '-side fitters' if name == 'server' else 'remote workers'}"
+                  f": trainer RSS {x['trainer']:.0f} MB (idle {x['idle']['trainer']:.0f}), API {x['api']:.0f} MB "
+                  f"(idle {x['idle']['api']:.0f}), together {x['trainer'] + x['api']:.0f} MB")
     try:
         import matplotlib
 

@@ -1,5 +1,5 @@
 """``python -m benchmarks remote_worker --smoke``: one MiniLM lowrank job with the server-side fitter and with a
-``cotune worker`` subprocess (fp32 and bf16 wires), then two of each at once for the trainer's memory."""
+``cotune worker`` subprocess (fp32 and bf16 wires), then two of each at once, each in a server of its own, for the server's memory."""
 
 from __future__ import annotations
 
@@ -23,5 +23,7 @@ def test_remote_worker_benchmark_smoke(shared_data, tmp_path, capsys):
     assert 0.4 < x["bf16_bytes_to_worker"] / x["bytes_to_worker"] < 0.6
     assert x["at"]["100 Mbit/s"] > x["at"]["1 Gbit/s"] > x["remote_step_s"]
     assert x["max_rel_diff_fp32"] < x["max_rel_diff_bf16"]
-    assert set(res["memory"]["trainer_rss_mb"]) == {"server", "remote"}
+    for name in ("server", "remote"):  # each measured in a server of its own, while its jobs trained
+        m = res["memory"][name]
+        assert m["trainer"] > m["idle"]["trainer"] > 0 and m["api"] > 0
     assert "trainer RSS" in capsys.readouterr().out

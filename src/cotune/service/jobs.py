@@ -17,6 +17,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +39,19 @@ SERVICE_ENGINE_OPTIONS = {
     "gl": ("interval", "wire_dtype", "sufficient_statistic", "fitter"),
     "zo": ("eps", "n_directions", "zo_optimizer", "seed"),
 }
+
+
+#: a remote job's spool (under its job directory) and the file its worker starts from
+SPOOL, WEIGHTS = "worker", "weights.safetensors"
+
+
+def _write(path: Path, data: bytes) -> Path:
+    """``data`` at ``path``, atomically (a reader never sees half a frame)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -216,32 +230,60 @@ class Jobs:
             options["placement"] = "remote"
         return options
 
+    def spool(self, job_id: str) -> Path:
+        """Where a remote job's frames lie while its worker may fetch them (the API streams them from disk, so
+        neither process keeps a copy of a frame in memory)."""
+        return self.store.job_dir(job_id) / SPOOL
+
     def _connect_remote(self, job: ActiveJob) -> None:
-        """A remote-fitter job: its frames go to ``on_remote``, and what its worker needs to start is published."""
+        """A remote-fitter job: its frames go to its spool and ``on_remote``, and what its worker needs to start is
+        published."""
         from cotune.engines.gradient_learning.remote import RemoteFitter, encode_weights
 
         fitter = getattr(self.trainer.engine_of(job.key), "fitter", None)
         if not isinstance(fitter, RemoteFitter):
             return
         job.remote = fitter
-        fitter.outbox = lambda update, frame, jid=job.rec.id: self.on_remote(jid, {"frame": (update, frame)})
+        spool = self.spool(job.rec.id)
+        for old in spool.glob("capture-*"):  # a frame of before a restart: its update is computed again
+            old.unlink(missing_ok=True)
+        weights = _write(spool / WEIGHTS, encode_weights(fitter.updates, fitter.weights()))
+
+        def outbox(update: int, frame: bytes, jid: str = job.rec.id) -> None:
+            path = _write(spool / f"capture-{update}.safetensors", frame)
+            self.on_remote(jid, {"frame": (update, str(path))})
+
+        fitter.outbox = outbox
         self.on_remote(job.rec.id, {"setup": fitter.setup(), "applied": fitter.updates, "frame": None,
-                                    "weights": encode_weights(fitter.updates, fitter.weights())})
+                                    "weights": str(weights)})
 
-    def deliver(self, job_id: str, data: bytes) -> dict[str, Any]:
-        """A remote job's worker sent the weights of the update it awaits: check, apply, then checkpoint or finish."""
-        job = next((j for j in self.active.values() if j.rec.id == job_id), None)
-        if job is None or job.remote is None:
-            from cotune.engines.gradient_learning.remote import StaleUpdate
+    def deliver(self, job_id: str, path: str) -> dict[str, Any]:
+        """A remote job's worker sent the weights of the update it awaits (a file in the job's spool, written by the
+        API): check, apply, then checkpoint or finish. The file is consumed whatever the outcome."""
+        from cotune.engines.gradient_learning.remote import StaleUpdate
 
-            raise StaleUpdate(f"job {job_id} is not training now (queued, restarting or ended)")
-        stats = job.remote.deliver(data)  # CotuneError on a bad frame: the adapter stays as it was
+        incoming = Path(path)
+        try:
+            job = next((j for j in self.active.values() if j.rec.id == job_id), None)
+            if job is None or job.remote is None:
+                raise StaleUpdate(f"job {job_id} is not training now (queued, restarting or ended)")
+            try:
+                data = incoming.read_bytes()
+            except FileNotFoundError as e:  # the job left the trainer (and its spool) meanwhile
+                raise StaleUpdate(f"job {job_id} restarted while its weights came in; send them again") from e
+            awaited = job.remote.awaiting
+            stats = job.remote.deliver(data)  # CotuneError on a bad frame: the adapter stays as it was
+            spool = self.spool(job_id)
+            incoming.replace(spool / WEIGHTS)  # what a restarted worker starts from
+            (spool / f"capture-{awaited}.safetensors").unlink(missing_ok=True)
+        finally:
+            incoming.unlink(missing_ok=True)
         job.awaiting_since = None
         worker_stats = {k: stats[k] for k in ("grad_norm", "lr", "fit_s") if isinstance(stats.get(k), int | float)}
         worker_stats["worker_bytes_out"] = job.remote.last_frame_bytes
         worker_stats["worker_bytes_in"] = len(data)  # what crossed the wire for this update, each way
         self.store.add_metrics(job_id, job.step, worker_stats)  # measured by the worker, where the optimizer is
-        self.on_remote(job_id, {"applied": job.remote.updates, "frame": None, "weights": data})
+        self.on_remote(job_id, {"applied": job.remote.updates, "frame": None})
         update = job.remote.updates
         if job.step >= job.rec.total_steps:
             self._delivered_last.append(job)  # finished by ``finish_delivered``, once the worker has its answer
@@ -381,6 +423,7 @@ class Jobs:
         self.active.pop(job.key, None)
         if job.remote is not None:
             self.on_remote(job.rec.id, None)
+            shutil.rmtree(self.spool(job.rec.id), ignore_errors=True)
         if job.key in self.trainer.training:
             self.trainer.remove(job.key)
 

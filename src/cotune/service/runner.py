@@ -46,7 +46,7 @@ class JobRunner:
         self.predictions = Predictions(config, store)
         self.generations = Generations(config, store)
         self._forget: Pending[str] = Pending()  # tenant keys whose adapters were deleted
-        self._deliveries: Pending[tuple[str, bytes, Future]] = Pending()  # remote workers' weights frames
+        self._deliveries: Pending[tuple[str, str, Future]] = Pending()  # remote workers' weights frames (files)
         self.remote_views = RemoteViews()
         #: told of every change instead of ``remote_views`` (the trainer process forwards them to the API)
         self.remote_sink: Any = None
@@ -108,15 +108,16 @@ class JobRunner:
         """What a remote-fitter job's worker may fetch now (``None``: the job is not training)."""
         return self.remote_views.get(job_id)
 
-    def deliver_weights(self, job_id: str, data: bytes) -> Future:
-        """Queue a worker's weights frame; the future resolves to ``{"update", "step"}`` or raises ``CotuneError``."""
+    def deliver_weights(self, job_id: str, path: str) -> Future:
+        """Queue a worker's weights frame (a file in the job's spool, consumed); the future resolves to
+        ``{"update", "step"}`` or raises ``CotuneError``."""
         fut: Future = Future()
-        self._deliveries.put((job_id, data, fut))
+        self._deliveries.put((job_id, path, fut))
         self._wake.set()
         return fut
 
     def _on_remote(self, job_id: str, fields: dict[str, Any] | None) -> None:
-        if self.remote_sink is not None:  # the API process keeps the views (frames and weights are not copied here)
+        if self.remote_sink is not None:  # the API process keeps the views
             self.remote_sink(job_id, fields)
             return
         self.remote_views.update(job_id, fields)
@@ -147,9 +148,9 @@ class JobRunner:
         while not self._stop.is_set():
             for key in self._forget.take():
                 jobs.loaded.unload(key)
-            for job_id, data, fut in self._deliveries.take():
+            for job_id, path, fut in self._deliveries.take():
                 try:
-                    settle(fut, jobs.deliver(job_id, data))
+                    settle(fut, jobs.deliver(job_id, path))
                 except Exception as e:  # a bad frame is the worker's error, reported to it
                     settle(fut, error=e if isinstance(e, CotuneError) else CotuneError(f"{type(e).__name__}: {e}"))
             jobs.finish_delivered()  # after the answers: a final evaluation must not hold the worker's request

@@ -110,12 +110,12 @@ class ProcessRunner:
     def remote_view(self, job_id: str) -> dict[str, Any] | None:
         return self.remote_views.get(job_id)
 
-    def deliver_weights(self, job_id: str, data: bytes) -> Future:
+    def deliver_weights(self, job_id: str, path: str) -> Future:
         fut: Future = Future()
         rid = next(self._ids)
         with self._lock:
             self._predicts[rid] = fut
-        self._send(("deliver", rid, job_id, bytes(data)))
+        self._send(("deliver", rid, job_id, path))
         return fut
 
     def submit_generate(self, req: GenerateRequest) -> None:
