@@ -4,7 +4,7 @@ A real ``cotune serve`` (MiniLM) on loopback. Tenant A's gl job with ``engine_op
 trains while ``cotune worker`` (a subprocess with A's token) holds its optimizer; it ends equal (1e-6
 relative to the update) to the same job with the server-side fitter, after 20 AdamW steps, and the worker
 saves the adapter in PEFT format. Tenant B cannot reach A's worker routes (404); a forged weights frame is a
-400 and the job goes on to the same result.
+400, an oversized one a 413, and the job goes on to the same result.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ def test_a_remote_worker_job_equals_the_server_side_fitter(tmp_path, shared_data
             raise AssertionError("a forged frame was taken")
         except ServiceError as e:
             assert e.status == 400 and "frame" in str(e)
+        # a frame larger than this job's adapter weights cannot be its answer: refused while it streams in
+        size = len(a.request("GET", f"/v1/jobs/{job['id']}/worker/weights").content)
+        try:
+            a.request("POST", f"/v1/jobs/{job['id']}/worker/weights", content=b"\0" * (size + 2**17))
+            raise AssertionError("an oversized frame was taken")
+        except ServiceError as e:
+            assert e.status == 413 and "adapter" in str(e)
+        assert not list((root / "jobs" / job["id"] / "worker").glob("incoming-*"))  # nothing left in its spool
         assert a.status(job["id"])["step"] <= 1  # one step at most: it waits for update 1's weights
         env = {**os.environ, "COTUNE_TOKEN": a.token, "HF_HUB_OFFLINE": "1"}
         out = subprocess.run([sys.executable, "-m", "cotune.cli", "worker", "--server", srv.url, "--job", job["id"],

@@ -43,6 +43,8 @@ SERVICE_ENGINE_OPTIONS = {
 
 #: a remote job's spool (under its job directory) and the file its worker starts from
 SPOOL, WEIGHTS = "worker", "weights.safetensors"
+#: what a weights frame may hold beyond the adapter's tensors (its header: the update and the worker's stats)
+WEIGHTS_SLACK = 64 * 2**10
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -247,15 +249,17 @@ class Jobs:
         spool = self.spool(job.rec.id)
         for old in spool.glob("capture-*"):  # a frame of before a restart: its update is computed again
             old.unlink(missing_ok=True)
-        weights = _write(spool / WEIGHTS, encode_weights(fitter.updates, fitter.weights()))
+        frame = encode_weights(fitter.updates, fitter.weights())
+        weights = _write(spool / WEIGHTS, frame)
 
         def outbox(update: int, frame: bytes, jid: str = job.rec.id) -> None:
             path = _write(spool / f"capture-{update}.safetensors", frame)
             self.on_remote(jid, {"frame": (update, str(path))})
 
         fitter.outbox = outbox
+        # a worker's answer is this frame with other numbers and its stats: anything much larger is not one
         self.on_remote(job.rec.id, {"setup": fitter.setup(), "applied": fitter.updates, "frame": None,
-                                    "weights": str(weights)})
+                                    "weights": str(weights), "max_weights_bytes": len(frame) + WEIGHTS_SLACK})
 
     def deliver(self, job_id: str, path: str) -> dict[str, Any]:
         """A remote job's worker sent the weights of the update it awaits (a file in the job's spool, written by the

@@ -22,7 +22,7 @@ from starlette.background import BackgroundTask
 from cotune.engines.gradient_learning.remote import StaleUpdate
 from cotune.errors import CotuneError, Unavailable
 from cotune.service.jobs import SPOOL
-from cotune.service.routes.deps import ConfigDep, RunnerDep, StoreDep, Tenant, own_job
+from cotune.service.routes.deps import RunnerDep, StoreDep, Tenant, own_job
 from cotune.service.store import FINAL_STATES, PAUSED, QUEUED, JobRecord
 
 router = APIRouter(tags=["worker"])
@@ -100,11 +100,15 @@ async def worker_capture(job_id: str, tid: Tenant, store: StoreDep, runner: Runn
 
 
 @router.post("/v1/jobs/{job_id}/worker/weights")
-async def worker_deliver(job_id: str, request: Request, tid: Tenant, store: StoreDep, config: ConfigDep,
-                         runner: RunnerDep) -> dict[str, Any]:
+async def worker_deliver(job_id: str, request: Request, tid: Tenant, store: StoreDep, runner: RunnerDep) -> dict[str, Any]:
     """The worker's weights frame for the awaited update: checked (names, shapes, dtypes, finite) and applied
     before the job's next step; a bad one is a 400 and the job's adapter stays as it was."""
     await asyncio.to_thread(remote_job, store, job_id, tid)
+    view = runner.remote_view(job_id)
+    if not view or "max_weights_bytes" not in view:
+        raise HTTPException(409, f"job {job_id} is not training now (queued, restarting or ended): fetch "
+                                 f"/v1/jobs/{job_id}/worker, then the capture, before sending weights")
+    limit = int(view["max_weights_bytes"])  # the adapter's own size, not the upload limit: a frame is never larger
     spool = store.job_dir(job_id) / SPOOL
     spool.mkdir(parents=True, exist_ok=True)
     path = spool / f"incoming-{uuid.uuid4().hex}.safetensors"  # the trainer consumes it, whatever the outcome
@@ -113,8 +117,9 @@ async def worker_deliver(job_id: str, request: Request, tid: Tenant, store: Stor
         with open(path, "wb") as fh:
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > config.max_upload_bytes:
-                    raise HTTPException(413, f"weights frame over {config.max_upload_bytes} bytes")
+                if size > limit:
+                    raise HTTPException(413, f"weights frame over {limit} bytes, the size of this job's adapter "
+                                             "weights with their header: not this job's weights frame")
                 fh.write(chunk)
     except BaseException:
         path.unlink(missing_ok=True)
