@@ -69,8 +69,23 @@ def step_times(metrics: list[dict[str, Any]], warmup: int = 2) -> list[float]:
 
 def worker(srv: ServerProcess, token: str, job: str, state: Path) -> subprocess.Popen:
     env = {**os.environ, "COTUNE_TOKEN": token, "HF_HUB_OFFLINE": "1"}
+    state.mkdir(parents=True, exist_ok=True)
+    log = open(state / "worker.log", "w")  # noqa: SIM115 - the worker process holds it
     return subprocess.Popen([sys.executable, "-m", "cotune.cli", "worker", "--server", srv.url, "--job", job,
-                             "--state", str(state)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--state", str(state)], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait(c: Client, job: str, w: subprocess.Popen | None, state: Path, timeout: float = 3600) -> dict[str, Any]:
+    """The job's final record; a worker that died first is an error with its output (not an endless wait)."""
+    end = time.monotonic() + timeout
+    while (st := c.status(job))["status"] not in ("succeeded", "failed", "cancelled"):
+        if w is not None and w.poll() not in (None, 0):
+            raise RuntimeError(f"the worker of job {job} exited {w.returncode}:\n"
+                               + (state / "worker.log").read_text()[-2000:])
+        if time.monotonic() > end:
+            raise RuntimeError(f"job {job} still {st['status']} after {timeout:.0f} s")
+        time.sleep(0.5)
+    return st
 
 
 def rss_mb(pid: int) -> float:
@@ -94,8 +109,9 @@ def run_model(model: str, a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             for name, opts in (("server", {}), ("remote", {"fitter": "remote"}), ("remote bf16",
                                                                                   {"fitter": "remote", "wire_dtype": "bf16"})):
                 job = c.submit({**spec, "engine_options": opts})
-                w = worker(srv, c.token, job["id"], tmp / f"{model}-{fam}-{name}") if "remote" in name else None
-                st = c.wait(job["id"], timeout=3600)
+                state = tmp / f"{model}-{fam}-{name}"
+                w = worker(srv, c.token, job["id"], state) if "remote" in name else None
+                st = wait(c, job["id"], w, state)
                 if w is not None:
                     w.wait(120)
                 if st["status"] != "succeeded":
