@@ -110,7 +110,8 @@ def _curves(evals: list[dict], trains: list[dict], metric: str) -> dict[str, Any
 
 
 def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max_len: int, seed: int,
-                out: str, eval_every: int, train_limit: int | None = None, eval_limit: int | None = None) -> Any:
+                out: str, eval_every: int, train_limit: int | None = None, eval_limit: int | None = None,
+                pooling: str = "auto") -> Any:
     """The ``TrainConfig`` of one GLUE/FPB cell."""
     from cotune.training.config import config_from_dict
 
@@ -125,7 +126,7 @@ def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max
         optim = {"optimizer": "sgd", "lr": ZO["full_lr"] if method == "full" else ZO["lr"], "scheduler": "constant"}
     return config_from_dict({
         "model": "minilm",
-        "task": {"kind": "seq_cls", "data": str(DATA / data), "options": {"max_length": max_len}},
+        "task": {"kind": "seq_cls", "data": str(DATA / data), "options": {"max_length": max_len, "pooling": pooling}},
         "method": {"name": name, "options": dict(options)},
         "engine": {"name": engine, "options": engine_opts},
         "optim": optim, "seed": seed, "batch_size": batch, "eval_batch_size": 64, "max_steps": steps,
@@ -136,7 +137,7 @@ def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max
 
 def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_len: int, seed: int, out: str,
              eval_every: int, threads: int = 1, train_limit: int | None = None,
-             eval_limit: int | None = None) -> dict[str, Any]:
+             eval_limit: int | None = None, pooling: str = "auto") -> dict[str, Any]:
     """Train one GLUE/FPB cell and return its scores, curve and cost."""
     import torch
 
@@ -144,13 +145,14 @@ def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_le
 
     set_offline()
     torch.set_num_threads(threads)
-    cfg = glue_config(task, method, engine, steps, batch, max_len, seed, out, eval_every, train_limit, eval_limit)
+    cfg = glue_config(task, method, engine, steps, batch, max_len, seed, out, eval_every, train_limit, eval_limit,
+                      pooling)
     t0 = time.perf_counter()
     res = train(cfg, verbose=False)
     evals, trains = _read_log(Path(out) / "log.jsonl")
     metric = GLUE_TASKS[task][1]
     return {
-        "suite": "glue", "task": task, "method": method, "engine": engine, "metric": metric,
+        "suite": "glue", "task": task, "method": method, "engine": engine, "metric": metric, "pooling": pooling,
         "best": res.validation.get(metric), "best_step": res.best_step, "validation": res.validation,
         "trainable_params": res.trainable_parameters, "train_seconds": res.train_seconds,
         "seconds": time.perf_counter() - t0, "steps": res.steps, **_curves(evals, trains, metric),
@@ -307,6 +309,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pooling", default="auto", choices=["auto", "model", "mean", "cls", "max"],
+                   help="what the GLUE head reads (auto: MiniLM's own mean pooling; model: BERT's pooler)")
     p.add_argument("--llm-steps", type=int, default=100)
     p.add_argument("--llm-eval", type=int, default=40, help="validation rows scored by generation per LLM cell")
     p.add_argument("--mmlu", type=int, default=200, help="MMLU rows (carved validation) scored before/after")
@@ -370,6 +374,7 @@ def main(argv: list[str]) -> int:
                 "batch": 4 if args.smoke else args.batch_size, "max_len": 32 if args.smoke else args.max_length,
                 "seed": args.seed, "out": str(out / "runs" / f"{task}_{method}_{engine}"),
                 "eval_every": 1 if args.smoke else max(1, args.steps // 3), "threads": args.threads,
+                "pooling": args.pooling,
             }
             if args.smoke:
                 kw.update(train_limit=16, eval_limit=8)

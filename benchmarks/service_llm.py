@@ -213,7 +213,9 @@ def main(argv: list[str]) -> int:
                 print(f"job {job['id']}: {a.steps} steps of {a.batch_size} rows on {srv.url}...", flush=True)
                 st = wait_job(c, job["id"], a.steps, a.timeout)
                 metrics = c.metrics(job["id"])
-                peak_rss = peak_rss_of(srv.pid)
+                # the server is two processes (the API and the trainer, which holds the model): both peaks, added
+                peaks = [peak_rss_of(pid) for pid in (srv.pid, srv.trainer_pid()) if pid is not None]
+                peak_rss = sum(p for p in peaks if p is not None) or None
                 if st["status"] == "succeeded":
                     c.download(job["id"], out / "adapter")
         finally:

@@ -86,7 +86,8 @@ def cli_run(tmp_path_factory):
     """A lowrank run through the CLI (a ColA run name with the offline substitute model)."""
     out = tmp_path_factory.mktemp("cli") / "run"
     args = ["train", "--control_name", "glue-sst2_roberta-base_sc_lora_4", "model=minilm", f"output_dir={out}"]
-    args += ["task.data=" + str(REPO.parent / "shared" / "data" / "glue" / "SST-2"), "task.options.max_length=32"]
+    args += ["task.data=" + str(REPO.parent / "shared" / "data" / "glue" / "SST-2"), "task.options.max_length=32",
+             "task.options.pooling=model"]  # BERT's own pooler, so that export can write a plain transformers model
     rc = main([*args, *TINY])
     return rc, out, args
 
@@ -146,9 +147,10 @@ def test_sst2_benchmark_smoke(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "smoke.json").read_text())
     assert summary["smoke"] and summary["steps"] == 3 and 0 <= summary["accuracy"] <= 1
     # LoRA r 8 on every linear layer (q, k, v, attention.output.dense: 384x384; intermediate 384->1536; output
-    # 1536->384; the pooler 384x384) is r(d_in + d_out) each, plus the 384x2 head with bias.
+    # 1536->384) is r(d_in + d_out) each, plus the 384x2 head with bias. No pooler dense: the head reads MiniLM's
+    # mean pooling (cotune.tasks.pooling), which has no weights.
     per_layer = 4 * 8 * (384 + 384) + 2 * 8 * (384 + 1536)
-    assert summary["trainable_parameters"] == 6 * per_layer + 8 * (384 + 384) + 384 * 2 + 2
+    assert summary["trainable_parameters"] == 6 * per_layer + 384 * 2 + 2
 
 
 def test_incomplete_model_folders_say_what_is_missing(tmp_path, capsys):

@@ -60,7 +60,11 @@ def test_tensorized_head_from_the_command_line(tmp_path, shared_data):
     cfg = yaml.safe_load((REPO / "examples" / "loretta_adp_minilm_sst2.yaml").read_text())
     cfg["task"]["data"] = str(shared_data / "glue" / "SST-2")
     (tmp_path / "l.yaml").write_text(yaml.safe_dump(cfg))
+    # MiniLM's head reads its mean pooling by default: no pooler dense to tensorize, and the error says so
     out = cotune("train", "l.yaml", "method.options.tensor_layers=adapters,cls", *TINY, "--quiet", cwd=tmp_path)
+    assert out.returncode == 2 and "task.options.pooling=model" in out.stderr, out.stderr
+    out = cotune("train", "l.yaml", "method.options.tensor_layers=adapters,cls", "task.options.pooling=model", *TINY,
+                 "--quiet", "--overwrite", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     saved = json.loads((tmp_path / "runs" / "loretta_adp_minilm_sst2" / "adapter" / "adapter_config.json").read_text())
     tt = [c for c in saved["cotune_components"] if c["cotune_family"] == "tt_linear"]

@@ -96,6 +96,9 @@ def adapter_config_dict(model: nn.Module, name: str | None = None) -> dict[str, 
         modules_to_save=mts or None,
         inference_mode=True,
     )
+    pooling = getattr(getattr(model, "config", None), "cotune_pooling", None)
+    if pooling is not None:  # PEFT ignores it (with a warning) and its head reads the model's pooler
+        out["cotune_pooling"] = pooling
     if first.family == "lowrank" and len(main) == 1:
         # A plain PEFT LoRA: PEFT's own fields say everything, so no cotune-only keys (PEFT warns on those).
         out.update(bias="none", fan_in_fan_out=fan_in_fan_out, init_lora_weights=True)
@@ -186,6 +189,20 @@ def load_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {(k[len(PREFIX) :] if k.startswith(PREFIX) else k): v for k, v in state.items()}
 
 
+def _check_pooling(model: nn.Module, folder: str | os.PathLike) -> None:
+    """A head trained on one sentence embedding must not read another (``cotune.tasks.pooling``)."""
+    if _task_type(model) != "SEQ_CLS":
+        return
+    saved = json.loads((Path(folder) / CONFIG_NAME).read_text()).get("cotune_pooling")
+    here = getattr(model.config, "cotune_pooling", None)
+    if saved != here:
+        def say(mode: str | None) -> str:
+            return f"pooling {mode!r}" if mode else "the model's own pooler"
+
+        raise CotuneError(f"{folder}: this adapter was trained on {say(saved)} but the model's head reads {say(here)}; "
+                          f"build the model with pooling={saved or 'model'!r} (task option `pooling`)")
+
+
 def load_adapter(
     model: nn.Module, folder: str | os.PathLike, name: str = "default", activate: bool = True
 ) -> nn.Module:
@@ -194,6 +211,7 @@ def load_adapter(
     On any error the model is left as it was.
     """
     configs = present_heads(model, read_adapter_config(folder))
+    _check_pooling(model, folder)
     state = load_weights(folder)
     attach(model, configs, name=name, activate=activate)
     try:

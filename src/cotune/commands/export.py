@@ -2,7 +2,8 @@
 
 The result is a plain transformers folder (config, safetensors weights, tokenizer) that
 ``AutoModel*.from_pretrained`` loads without cotune. Only mergeable families (lowrank, linear, cola, and
-``full`` heads, which are copied in) can be exported; others (kron, mlp, tt) keep running as adapters.
+``full`` heads, which are copied in) can be exported; others (kron, mlp, tt) keep running as adapters, and so
+does a head trained on a sentence-transformers pooling, which transformers' classification models cannot express.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from pathlib import Path
 from torch import nn
 
 from cotune.errors import CotuneError
+
+_POOLED = ("this adapter's head was trained on the checkpoint's {pooling!r} pooling (cotune.tasks.pooling), which a "
+           "plain transformers model cannot express: its head reads BERT's pooler. Keep it as an adapter (cotune "
+           "eval, load_adapter, the service), or train with task.options.pooling=model to export a merged model")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +80,8 @@ def export(
         spec = cfg.model
     else:
         meta = adapter_meta(adapter_dir)
+        if meta.get("cotune_pooling"):
+            raise CotuneError(_POOLED.format(pooling=meta["cotune_pooling"]))
         spec = model_spec or meta.get("base_model_name_or_path")
         if not spec:
             raise CotuneError("the adapter does not name its base model; pass --model")
@@ -85,7 +92,10 @@ def export(
         model = load_model(spec, kind, **kwargs)
         load_adapter(model, adapter_dir)
     model.eval()
-    merge_into_base(model)
+    merge_into_base(model)  # first: a family that cannot merge says so whatever its head reads
+    pooling = getattr(model.config, "cotune_pooling", None)
+    if pooling is not None:
+        raise CotuneError(_POOLED.format(pooling=pooling))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     if not str(spec).startswith("config:"):

@@ -3,7 +3,8 @@
 Rows: ``{"text": str, "text_pair": str | None, "label": int | float}``. The model is the base encoder (or decoder)
 with a sequence-classification head from ``transformers.AutoModelForSequenceClassification`` (via
 ``cotune.models.load_model``). Loss: cross-entropy over ``num_labels`` classes, or MSE on the single output for
-regression (STS-B: ``num_labels=1``). GLUE metrics per data set: CoLA Matthews correlation; MRPC and QQP F1 (binary,
+regression (STS-B: ``num_labels=1``). The head reads a sentence-transformers checkpoint's own pooling (``pooling``,
+``cotune.tasks.pooling``). GLUE metrics per data set: CoLA Matthews correlation; MRPC and QQP F1 (binary,
 positive class 1) and accuracy; STS-B Pearson and Spearman; the others accuracy. FPB: accuracy and macro F1.
 """
 
@@ -19,6 +20,7 @@ from cotune.errors import CotuneError
 from cotune.tasks import metrics as M
 from cotune.tasks.base import TaskBase, batches, eval_mode, logits_of, model_device, to_device
 from cotune.tasks.losses import classification_loss
+from cotune.tasks.pooling import CHOICES, apply_pooling
 
 PRIMARY = {"cola": "mcc", "mrpc": "f1", "qqp": "f1", "stsb": "pearson"}
 MMLU_SUBJECT_KEYS = ("topic", "subject")
@@ -31,10 +33,13 @@ class SeqClsTask(TaskBase):
     shapes = ("cls", "mc")
     default_max_length = 128
 
-    def __init__(self, data, model=None, *, num_labels: int | None = None, **kw: Any):
+    def __init__(self, data, model=None, *, num_labels: int | None = None, pooling: str = "auto", **kw: Any):
         # MMLU rows: label_key="topic" classifies the subject; otherwise the answer letter is the label
         self._mc_label = "subject" if kw.get("label_key") in MMLU_SUBJECT_KEYS else None
         super().__init__(data, model, **kw)
+        if pooling not in CHOICES:
+            raise CotuneError(f"pooling must be one of {list(CHOICES)}, not {pooling!r}")
+        self.pooling = pooling
         if self.data.shape == "mc":
             self._setup_mc()
         else:
@@ -75,7 +80,7 @@ class SeqClsTask(TaskBase):
 
     def build_model(self, model: str | None = None) -> nn.Module:
         """The base model with a fresh classification (or 1-output regression) head."""
-        from cotune.models import load_model
+        from cotune.models import load_model, resolve
 
         spec = self._model_spec(model)
         kw: dict[str, Any] = {"num_labels": self.num_labels}
@@ -85,6 +90,7 @@ class SeqClsTask(TaskBase):
             kw["id2label"] = dict(enumerate(self.label_names))
             kw["label2id"] = {n: i for i, n in enumerate(self.label_names)}
         m = load_model(spec, "seq_cls", **kw)
+        apply_pooling(m, resolve(spec), self.pooling)  # the head reads the checkpoint's sentence embedding
         tok = self.tokenizer
         if getattr(m.config, "pad_token_id", None) is None:
             # decoder models (Llama, GPT-2) pool the last non-pad token and need to know which id pads

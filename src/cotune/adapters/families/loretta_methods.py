@@ -70,6 +70,12 @@ def head_configs(model: nn.Module | None, tensorize: bool | str = "auto", **tt: 
     if tensorize is True and not (pair and all(_has(names, t) for t in pair)):
         # Any other encoder: the first layout it has (BERT, ALBERT, MiniLM: pooler.dense + classifier).
         pair = next((p for p in PRETRAINED_HEADS if all(_has(names, t) for t in p)), None)
+        if pair is None and model is not None:
+            pooled = getattr(getattr(model, "config", None), "cotune_pooling", None)
+            hint = (f": its head reads the checkpoint's {pooled!r} pooling, which has no dense; train with "
+                    "task.options.pooling=model for BERT's pooler.dense" if pooled else "")
+            raise CotuneError("tensor_head: true (tensor_layers naming cls) tensorizes the head's hidden×hidden dense "
+                              "(RoBERTa's classifier.dense, BERT's pooler.dense), and this model's head has none" + hint)
     if pair is None and tensorize is False:
         pair = FRESH_HEADS.get(mt)
     if pair is not None and all(_has(names, t) for t in pair):
