@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     from cotune.adapters import attach, make_config, parameter_report, save_adapter, trainable_parameters
     from cotune.adapters.attach import format_parameter_report
     from cotune.engines import OptimConfig, make_engine
-    from cotune.models import load_model, load_tokenizer
+    from cotune.models import load_model, load_tokenizer, resolve
+    from cotune.tasks.pooling import apply_pooling
 
     transformers.logging.set_verbosity_error()  # the new head's "newly initialized" report is expected here
     torch.manual_seed(args.seed)
@@ -153,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     for engine_name in [e.strip() for e in args.engines.split(",") if e.strip()]:
         torch.manual_seed(args.seed)  # same head and adapter init for every engine
         model = load_model(args.model, "seq_cls", num_labels=len(LABELS))
+        apply_pooling(model, resolve(args.model))  # the head reads the checkpoint's own sentence embedding
         model.config.id2label = dict(enumerate(LABELS))
         model.config.label2id = {v: k for k, v in enumerate(LABELS)}
         attach(model, [make_config("lowrank", r=args.rank, lora_alpha=args.rank), make_config("full")])
