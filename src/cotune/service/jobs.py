@@ -27,7 +27,17 @@ from cotune.service import checkpoints
 from cotune.service.admission import Admission
 from cotune.service.config import ServiceConfig
 from cotune.service.predictions import LoadedAdapters
-from cotune.service.store import CANCELLED, FAILED, PAUSED, QUEUED, RUNNING, SUCCEEDED, JobRecord, Store
+from cotune.service.store import (
+    CANCELLED,
+    FAILED,
+    PAUSED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobRecord,
+    Store,
+    atomic_write_bytes,
+)
 from cotune.service.workload import Workload, build_workload, check_adapter_size
 
 log = logging.getLogger("cotune.service")
@@ -45,15 +55,6 @@ SERVICE_ENGINE_OPTIONS = {
 SPOOL, WEIGHTS = "worker", "weights.safetensors"
 #: what a weights frame may hold beyond the adapter's tensors (its header: the update and the worker's stats)
 WEIGHTS_SLACK = 64 * 2**10
-
-
-def _write(path: Path, data: bytes) -> Path:
-    """``data`` at ``path``, atomically (a reader never sees half a frame)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -247,13 +248,16 @@ class Jobs:
             return
         job.remote = fitter
         spool = self.spool(job.rec.id)
+        spool.mkdir(parents=True, exist_ok=True)
         for old in spool.glob("capture-*"):  # a frame of before a restart: its update is computed again
             old.unlink(missing_ok=True)
         frame = encode_weights(fitter.updates, fitter.weights())
-        weights = _write(spool / WEIGHTS, frame)
+        weights = spool / WEIGHTS
+        atomic_write_bytes(weights, frame, durable=False)  # rebuilt here after any restart
 
         def outbox(update: int, frame: bytes, jid: str = job.rec.id) -> None:
-            path = _write(spool / f"capture-{update}.safetensors", frame)
+            path = spool / f"capture-{update}.safetensors"
+            atomic_write_bytes(path, frame, durable=False)  # a restart computes the capture again
             self.on_remote(jid, {"frame": (update, str(path))})
 
         fitter.outbox = outbox

@@ -66,13 +66,17 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (all or nothing on a crash)."""
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (a reader never sees half of it).
+
+    ``durable``: also ``fsync`` it (all or nothing on a crash of the machine); off for files that are rebuilt after
+    a restart anyway (a remote job's frames), where it would only cost every update a disk flush."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

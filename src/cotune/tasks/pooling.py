@@ -33,6 +33,13 @@ MODES = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "m
 CHOICES = ("auto", "model", *MODES)
 
 
+def check_choice(pooling: str) -> str:
+    """``pooling`` when it is one of ``CHOICES``; a ``CotuneError`` naming them otherwise."""
+    if pooling not in CHOICES:
+        raise CotuneError(f"pooling must be one of {list(CHOICES)}, not {pooling!r}")
+    return pooling
+
+
 def checkpoint_pooling(spec: str) -> str | None:
     """The pooling mode of a sentence-transformers checkpoint (a folder or a hub id); ``None`` when ``spec`` is not
     one, or pools in a way ``SentencePooler`` does not compute (several modes at once, weighted, last token)."""
@@ -84,8 +91,7 @@ class SentencePooler(nn.Module):
         self._mask: torch.Tensor | None = None
 
     def read_mask(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        self._mask = mask
+        self._mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         mask = self._mask
@@ -105,9 +111,7 @@ class SentencePooler(nn.Module):
 def apply_pooling(model: nn.Module, spec: str, pooling: str = "auto") -> str | None:
     """Make the sequence-classification head of ``model`` (loaded from ``spec``) read ``pooling``; the mode used
     (``None``: the model's own pooler)."""
-    if pooling not in CHOICES:
-        raise CotuneError(f"pooling must be one of {list(CHOICES)}, not {pooling!r}")
-    if pooling == "model":
+    if check_choice(pooling) == "model":
         return None
     mode = checkpoint_pooling(spec) if pooling == "auto" else pooling
     if mode is None:

@@ -20,7 +20,7 @@ from cotune.errors import CotuneError
 from cotune.tasks import metrics as M
 from cotune.tasks.base import TaskBase, batches, eval_mode, logits_of, model_device, to_device
 from cotune.tasks.losses import classification_loss
-from cotune.tasks.pooling import CHOICES, apply_pooling
+from cotune.tasks.pooling import apply_pooling, check_choice
 
 PRIMARY = {"cola": "mcc", "mrpc": "f1", "qqp": "f1", "stsb": "pearson"}
 MMLU_SUBJECT_KEYS = ("topic", "subject")
@@ -37,9 +37,7 @@ class SeqClsTask(TaskBase):
         # MMLU rows: label_key="topic" classifies the subject; otherwise the answer letter is the label
         self._mc_label = "subject" if kw.get("label_key") in MMLU_SUBJECT_KEYS else None
         super().__init__(data, model, **kw)
-        if pooling not in CHOICES:
-            raise CotuneError(f"pooling must be one of {list(CHOICES)}, not {pooling!r}")
-        self.pooling = pooling
+        self.pooling = check_choice(pooling)
         if self.data.shape == "mc":
             self._setup_mc()
         else:
