@@ -81,6 +81,19 @@ def test_examples_run_two_steps(example, tmp_path, monkeypatch, capsys):
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
 
 
+def test_multiple_choice_trains_on_the_default_cloze_scoring_with_gl(tmp_path, monkeypatch, capsys):
+    """The default scoring's loss (cross-entropy over the options' log-likelihoods) through gradient learning."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "cloze"
+    extra = ["task.options.max_length=64", "task.options.scoring=cloze", "method.options.init=lora", "batch_size=2",
+             "engine.name=gl"]
+    rc = main(["train", "examples/cola_smollm2_mmlu.yaml", f"output_dir={out}", *TINY[:-1], *extra, TINY[-1]])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and summary["steps"] == 2 and summary["trainable_parameters"] > 0
+    val = summary["validation"]
+    assert set(val) == {"accuracy", "accuracy_norm", "loss"} and val["loss"] > 0
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     """A lowrank run through the CLI (a ColA run name with the offline substitute model)."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import matthews_corrcoef
 
+from cotune.errors import CotuneError
 from cotune.tasks import make_task
 from cotune.tasks import metrics as M
 from cotune.tasks.base import Task
@@ -132,7 +133,8 @@ def test_causal_lm_without_template_appends_eos(shared_data, smollm2):
 
 def test_multiple_choice_letter_logits(shared_data, smollm2):
     model, tok = smollm2
-    task = make_task("multiple_choice", "mmlu", data_root=str(shared_data), tokenizer=tok, max_length=256)
+    task = make_task("multiple_choice", "mmlu", data_root=str(shared_data), tokenizer=tok, max_length=256,
+                     scoring="letter")
     rows = sorted(task.load("test").rows, key=lambda r: len(r["question"]) + sum(map(len, r["choices"])))[:3]
     batch = task.collate(rows)
     letters = [tok(" " + c, add_special_tokens=False)["input_ids"][0] for c in "ABCD"]
@@ -151,7 +153,8 @@ def test_multiple_choice_letter_logits(shared_data, smollm2):
 
 def test_multiple_choice_k_shot_prompt(shared_data, smollm2):
     _, tok = smollm2
-    task = make_task("multiple_choice", "mmlu", data_root=str(shared_data), tokenizer=tok, n_shot=2)
+    task = make_task("multiple_choice", "mmlu", data_root=str(shared_data), tokenizer=tok, n_shot=2,
+                     scoring="letter")
     row = task.load("test").rows[0]
     shots = task.shots_for(row)
     train_qs = {r["question"] for r in task.native("train").rows if r["subject"] == row["subject"]}
@@ -160,6 +163,92 @@ def test_multiple_choice_k_shot_prompt(shared_data, smollm2):
     assert p.startswith(f"The following are multiple choice questions (with answers) about {row['subject']}.\n\n")
     assert p.count("\nAnswer:") == 3 and p.endswith("\nAnswer:") and row["question"] not in train_qs
     assert f"Answer: {'ABCD'[shots[0]['label']]}\n\n" in p
+
+
+def test_multiple_choice_cloze_option_loglikelihood(shared_data, smollm2):
+    """The default scoring: each option's summed log-probability after the prompt (lighteval's mmlu_cloze)."""
+    model, tok = smollm2
+    task = make_task("multiple_choice", "mmlu", data_root=str(shared_data), tokenizer=tok, max_length=256)
+    assert task.scoring == "cloze"
+    rows = sorted(task.load("test").rows, key=lambda r: len(r["question"]) + sum(map(len, r["choices"])))[:3]
+    row = rows[0]
+    assert task.prompt(row) == (f"The following are questions about {row['subject']}.\n"
+                                f"Question: {row['question'].strip()}\nAnswer:")
+    batch = task.collate(rows)
+    assert batch["option_ids"].shape[0] == sum(len(r["choices"]) for r in rows) == len(batch["option_row"])
+    with torch.no_grad():
+        scores = task.choice_scores(model, batch)
+        # evaluation runs each prompt once and continues its key/value cache with every option
+        shared = task.option_logliks(model, batch, share_prefix=True)
+        assert torch.allclose(shared, task.option_logliks(model, batch), atol=1e-3)
+        # independent reference: prompt + option alone, unpadded, full logits, log-softmax summed over the option
+        ref, norm = [], []
+        for r in rows:
+            p = tok(task.prompt(r))["input_ids"]
+            lls = []
+            for c in r["choices"]:
+                o = tok(" " + c.strip(), add_special_tokens=False)["input_ids"]
+                lp = torch.log_softmax(model(torch.tensor([p + o])).logits[0].double(), -1)
+                lls.append(sum(lp[len(p) - 1 + i, t].item() for i, t in enumerate(o)))
+            ref.append(lls)
+            norm.append([ll / len(c.strip()) for ll, c in zip(lls, r["choices"])])
+        ref_t = torch.tensor(ref, dtype=torch.float64)
+        assert torch.allclose(scores.double(), ref_t, atol=2e-3), (scores.double() - ref_t).abs().max()
+        loss = task.loss(model, batch).item()
+        assert loss == pytest.approx(F.cross_entropy(ref_t, batch["labels"]).item(), abs=1e-3)
+        m = task.evaluate(model, rows, batch_size=2)
+    gold = torch.tensor([r["label"] for r in rows])
+    assert m["accuracy"] == pytest.approx((ref_t.argmax(-1) == gold).float().mean().item())
+    assert m["accuracy_norm"] == pytest.approx((torch.tensor(norm).argmax(-1) == gold).float().mean().item())
+
+
+def test_multiple_choice_cloze_k_shot_prompt_fits(shared_data, smollm2):
+    _, tok = smollm2
+    task = make_task("multiple_choice", "mmlu", data_root=str(shared_data), tokenizer=tok, n_shot=2)
+    row = task.load("test").rows[0]
+    shots = task.shots_for(row)
+    p = task.prompt(row)
+    assert p.startswith(f"The following are questions about {row['subject']}.\nQuestion: ")
+    assert p.count("\nAnswer:") == 3 and p.endswith("\nAnswer:")
+    assert f"Answer: {shots[0]['choices'][shots[0]['label']]}\n\nQuestion: " in p
+    # a tight max_length drops shots first and always leaves room for the longest option
+    longest = max(map(len, task.option_ids(row)))
+    short = make_task("multiple_choice", "mmlu", data_root=str(shared_data), tokenizer=tok, n_shot=2,
+                      max_length=len(tok(task.prompt(row, 0))["input_ids"]) + longest)
+    ids = short.prompt_ids(row)
+    assert tok.decode(ids) == tok.decode(tok(task.prompt(row, 0))["input_ids"])
+    batch = short.collate([row])
+    assert batch["input_ids"].shape[1] <= short.max_length
+    with pytest.raises(CotuneError, match="scoring must be one of cloze, letter"):
+        make_task("multiple_choice", "mmlu", data_root=str(shared_data), tokenizer=tok, scoring="letters")
+
+
+def test_multiple_choice_prompt_based_classification(shared_data, smollm2):
+    """MeZO's setting: SST-2 rows scored by the log-likelihood of a label word after a template, via the LM head."""
+    model, tok = smollm2
+    task = make_task("multiple_choice", "glue/SST-2", data_root=str(shared_data), tokenizer=tok,
+                     template="{text} It was", verbalizer=["terrible", "great"], n_shot=1)
+    rows = task.load("validation").rows[:4]
+    assert rows[0]["choices"] == ["terrible", "great"] and rows[0]["label"] in (0, 1)
+    shot = task.shots_for(rows[0])[0]
+    assert task.prompt(rows[0]) == (f"{shot['text']} It was {['terrible', 'great'][shot['label']]}\n\n"
+                                    f"{rows[0]['text']} It was")
+    with torch.no_grad():
+        got = task.choice_scores(model, task.collate(rows))
+        ref = torch.tensor([[torch.log_softmax(model(torch.tensor([tok(task.prompt(r))["input_ids"] + w])).logits[0, -2],
+                                               -1)[w[0]].item() for w in ([tok(" terrible", add_special_tokens=False)
+                                                                           ["input_ids"][0]],
+                                                                          [tok(" great", add_special_tokens=False)
+                                                                           ["input_ids"][0]])] for r in rows])
+    assert torch.allclose(got, ref, atol=1e-3)
+    with pytest.raises(CotuneError, match="verbalizer has 3 words for 2 classes"):
+        make_task("multiple_choice", "glue/SST-2", data_root=str(shared_data), tokenizer=tok,
+                  verbalizer=["bad", "ok", "good"])
+    with pytest.raises(CotuneError, match="placeholders are"):
+        make_task("multiple_choice", "glue/SST-2", data_root=str(shared_data), tokenizer=tok, template="{sentence}")
+    with pytest.raises(CotuneError, match="use it with scoring=cloze"):
+        make_task("multiple_choice", "mmlu", data_root=str(shared_data), tokenizer=tok, template="{question}",
+                  scoring="letter")
 
 
 # --------------------------------------------------------------------------------------------- image_cls
@@ -190,6 +279,33 @@ def test_image_cls_fashion_mnist(shared_data):
         opt.step()
     after = task.evaluate(model, val)
     assert after["accuracy"] > 0.65 > before["accuracy"] and after["loss"] < before["loss"]
+
+
+def test_image_cls_trains_through_the_trainer(shared_data, tmp_path):
+    """Regression: ``model=linear|mlp|cnn`` is built in code (no folder for the trainer's model check to resolve),
+    and full training of the CNN puts the full family on its Conv2d layers; additive families there are refused."""
+    from cotune import attach
+    from cotune.training.config import config_from_dict
+    from cotune.training.trainer import train
+
+    def cfg(model, method, options, engine="backprop"):
+        task = {"kind": "image_cls", "data": "fashion-mnist", "options": {"max_rows": 300}}
+        run = {"batch_size": 8, "max_steps": 2, "eval_limit": 16, "progress": False, "data_root": str(shared_data)}
+        out = str(tmp_path / f"{model}_{method}_{engine}")
+        method_cfg = {"name": method, "options": options}
+        return config_from_dict(
+            {"model": model, "task": task, "method": method_cfg, "engine": {"name": engine}, "output_dir": out, **run}
+        )
+
+    for engine in ("backprop", "gl"):
+        targets = {"target_modules": ["blocks.0", "blocks.2", "linear"]}
+        res = train(cfg("mlp", "lowrank", targets, engine), verbose=False)
+        assert res.steps == 2 and res.trainable_parameters == 8 * (912 + 384 + 266)
+    res = train(cfg("cnn", "full", {"target_modules": "all"}), verbose=False)
+    task = make_task("image_cls", "fashion-mnist", data_root=str(shared_data), max_rows=300)
+    assert res.trainable_parameters == sum(p.numel() for p in task.build_model("cnn").parameters())
+    with pytest.raises(CotuneError, match="only a module trained in place"):
+        attach(task.build_model("cnn"), "lowrank", target_modules=["blocks.0"])
 
 
 # --------------------------------------------------------------------------------------------- seq2seq
