@@ -319,5 +319,32 @@ def line_plot(
     return Path(path)
 
 
+def panel_plot(
+    path: str | os.PathLike,
+    panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> Path:
+    """One panel per entry of ``panels`` (``panel -> {name -> (xs, ys)}``), side by side, the same y axis."""
+    plt = _plt()
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.2), sharey=True, squeeze=False)
+    for ax, (panel, curves) in zip(axes[0], panels.items()):
+        for name, (xs, ys) in curves.items():
+            ax.plot(list(xs), list(ys), marker="o", markersize=2, label=name)
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if curves:
+            ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 if __name__ == "__main__":
     sys.exit(_child(sys.argv[1:]))

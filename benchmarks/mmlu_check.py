@@ -7,7 +7,8 @@ and prints each accuracy with its 95% interval beside the published number: Smol
 reads **MMLU (cloze) 29.3** (lighteval, zero-shot; the base SmolLM2-135M reads 31.5). The letter format is the
 MMLU paper's (lm-evaluation-harness's ``mmlu``), where models this small sit near chance (25%). Shots come from
 the carved train split of the same subject (the file has no dev split); the question scored is never its own
-shot. Writes ``runs/bench/mmlu_check/results.json`` and ``mmlu_check.png``; ``--report`` rebuilds both from the
+shot. Writes ``runs/bench/mmlu_check/results.json`` (after each cell) and ``mmlu_check.png``; ``--merge`` keeps
+the cells of an earlier run that this one does not measure; ``--report`` rebuilds the table and plot from the
 results file. ``--smoke``: 2 questions per subject for 3 subjects, 0-shot.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 
 from benchmarks._common import DATA, machine, markdown_table, out_dir, set_offline, write_json
 
+SCORINGS = ("cloze", "letter")
 #: SmolLM2-135M-Instruct's model card (HuggingFaceTB), "MMLU (cloze)", lighteval, zero-shot, in %.
 PUBLISHED = {"SmolLM2-135M-Instruct": 29.3, "SmolLM2-135M (base)": 31.5}
 
@@ -46,7 +48,8 @@ def interval(p: float, n: int) -> tuple[float, float]:
     return c - h, c + h
 
 
-def measure(a: argparse.Namespace) -> list[dict[str, Any]]:
+def measure(a: argparse.Namespace, res: dict[str, Any], path) -> None:
+    """Score each (scoring, shots) cell; each one replaces its namesake in ``res`` and is saved at once."""
     import torch
 
     from cotune.models import load_model, load_tokenizer
@@ -54,7 +57,6 @@ def measure(a: argparse.Namespace) -> list[dict[str, Any]]:
 
     torch.set_num_threads(a.threads)
     model, tok = load_model("smollm2", "causal_lm").eval(), load_tokenizer("smollm2")
-    cells = []
     for scoring in a.scorings:
         for k in a.shots:
             task = make_task("multiple_choice", str(DATA / "mmlu"), tokenizer=tok, scoring=scoring, n_shot=k,
@@ -70,8 +72,9 @@ def measure(a: argparse.Namespace) -> list[dict[str, Any]]:
             print(f"{scoring} {k}-shot: {100 * m['accuracy']:.1f}% "
                   f"(norm {100 * m.get('accuracy_norm', float('nan')):.1f}%) on {len(rows)} rows, "
                   f"{cell['seconds']:.0f} s", flush=True)
-            cells.append(cell)
-    return cells
+            res["cells"] = [c for c in res["cells"] if (c["scoring"], c["n_shot"]) != (scoring, k)] + [cell]
+            res["cells"].sort(key=lambda c: (SCORINGS.index(c["scoring"]), c["n_shot"]))
+            write_json(path, res)
 
 
 def report(res: dict[str, Any], out) -> str:
@@ -107,7 +110,7 @@ def _plot(res: dict[str, Any], path) -> None:
     ax.axhline(25, color="gray", ls=":", label="chance 25")
     ax.set_xticks(range(len(vals)), labels, fontsize=7)
     ax.set_ylabel("MMLU accuracy %")
-    ax.set_title(f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), {res['cells'][0]['rows']} questions")
+    ax.set_title("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised) on MMLU")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -118,10 +121,11 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks mmlu_check", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--report", action="store_true", help="rebuild the table and plot from results.json")
+    p.add_argument("--merge", action="store_true", help="keep the other cells of an earlier results.json")
     p.add_argument("--per-subject", type=int, default=20)
     p.add_argument("--subjects", type=int, default=None, help="only the first N subjects (alphabetical)")
     p.add_argument("--shots", type=int, nargs="+", default=[0, 5])
-    p.add_argument("--scorings", nargs="+", default=["cloze", "letter"], choices=["cloze", "letter"])
+    p.add_argument("--scorings", nargs="+", default=list(SCORINGS), choices=SCORINGS)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -130,14 +134,15 @@ def main(argv: list[str]) -> int:
     if a.smoke:
         a.per_subject, a.subjects, a.shots = 2, 3, [0]
     out = out_dir("mmlu_check", a.smoke, a.out)
-    if a.report:
+    path = out / "results.json"
+    if a.report or a.merge:
         import json
 
-        res = json.loads((out / "results.json").read_text())
-    else:
+        res = json.loads(path.read_text())
+    if not a.report:
         set_offline()
-        res = {"model": "smollm2", "per_subject": a.per_subject, "published": PUBLISHED, "machine": machine(),
-               "cells": measure(a)}
-        write_json(out / "results.json", res)
+        keep = res["cells"] if a.merge else []
+        res = {"model": "smollm2", "published": PUBLISHED, "machine": machine(), "cells": keep}
+        measure(a, res, path)
     print(report(res, out))
     return 0

@@ -140,3 +140,84 @@ def test_quality_keeps_finished_cells_when_one_times_out(tmp_path, monkeypatch) 
     res = {r["engine"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
     assert "timed out after 5.0 seconds" in res["gl"]["error"]
     assert res["backprop"]["best"] == 0.625 and "62.5" in (tmp_path / "table.md").read_text()
+
+
+def test_cola_image_smoke(tmp_path) -> None:
+    from benchmarks import cola_image
+
+    assert cola_image.main(["--smoke", "--out", str(tmp_path)]) == 0
+    out = tmp_path / "smoke"
+    saved = json.loads((out / "results.json").read_text())
+    cells = {(r["base"], r["method"]): r for r in saved["results"]}
+    assert set(cells) == {(b, m) for b in cola_image.BASES for m in cola_image.METHODS}
+    assert all("error" not in r and 0.0 <= r["test_accuracy"] <= 1.0 for r in cells.values())
+    assert all(0.0 <= r["zero_shot_accuracy"] <= 1.0 for (_, m), r in cells.items() if m == "lora")
+    # the adapter methods never touched the frozen random base; full training trains all of it
+    assert all(r["base_unchanged"] for (_, m), r in cells.items() if m != "full")
+    assert all(r["trainable_params"] == r["base_params"] for (_, m), r in cells.items() if m == "full")
+    # LoRA r 8 on every Linear of the base: (784 -> 10); (784 -> 128, 128 -> 256, 256 -> 10); the CNN's (512 -> 10)
+    lora = {b: cells[(b, "lora")]["trainable_params"] for b in cola_image.BASES}
+    assert lora == {"linear": 8 * 794, "mlp": 8 * (912 + 384 + 266), "cnn": 8 * 522}
+    assert cells[("linear", "cola_linear")]["trainable_params"] == 784 * 10  # full-rank, no bias
+    assert set(saved["lr"]) == {"full", "lowrank", "linear", "mlp"} and len(saved["lr_check"]) == 4 * 2
+    # gl equals backprop: LoRA and ColA low rank take the same steps on every base
+    assert [c["base"] for c in saved["gl_check"]] == list(cola_image.BASES)
+    for c in saved["gl_check"]:
+        assert c["max_loss_gap"] < 1e-5 and c["final_weight_gap"] < 1e-5
+        assert c["test_accuracy_backprop"] == c["test_accuracy_gl"]
+    assert (out / "curves.png").stat().st_size > 0 and "ColA MLP" in (out / "table.md").read_text()
+    # --report --merge: a rerun's cell replaces the same (base, method)
+    other = tmp_path / "rerun"
+    other.mkdir()
+    rerun = dict(cells[("mlp", "cola_mlp")], test_accuracy=0.98765)
+    (other / "results.json").write_text(json.dumps({"results": [rerun]}))
+    assert cola_image.main(["--report", "--smoke", "--out", str(tmp_path), "--merge", str(other)]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    assert len(merged["results"]) == 15 and "98.8" in (out / "table.md").read_text()
+    assert cola_image.main(["--merge", str(other)]) == 2 and cola_image.main(["--bases", "vgg"]) == 2
+
+
+def test_mmlu_check_interval_is_wilsons() -> None:
+    from benchmarks import mmlu_check
+
+    lo, hi = mmlu_check.interval(0.286, 1140)  # Wilson's formula by hand: centre 0.2866, half-width 0.0262
+    assert abs(lo - 0.2604) < 5e-4 and abs(hi - 0.3128) < 5e-4
+    lo, hi = mmlu_check.interval(0.0, 10)  # no successes: [0, z^2 / (n + z^2)]
+    assert abs(lo) < 1e-12 and abs(hi - 1.96**2 / (10 + 1.96**2)) < 1e-12
+
+
+def test_mmlu_check_smoke(tmp_path) -> None:
+    from benchmarks import mmlu_check
+
+    assert mmlu_check.main(["--smoke", "--out", str(tmp_path), "--threads", "1"]) == 0
+    out = tmp_path / "smoke"
+    cells = {(c["scoring"], c["n_shot"]): c for c in json.loads((out / "results.json").read_text())["cells"]}
+    assert set(cells) == {("cloze", 0), ("letter", 0)}
+    for c in cells.values():  # 2 questions of each of the first 3 subjects, scored out of 4 options
+        assert c["rows"] == 6 and c["accuracy"] in {i / 6 for i in range(7)}
+        assert c["interval"][0] <= c["accuracy"] <= c["interval"][1]
+    assert "accuracy_norm" in cells[("cloze", 0)] and "accuracy_norm" not in cells[("letter", 0)]
+    # --merge keeps the cells this run does not measure; --report rebuilds the plot from the file
+    assert mmlu_check.main(["--smoke", "--out", str(tmp_path), "--merge", "--scorings", "letter",
+                            "--threads", "1"]) == 0
+    merged = json.loads((out / "results.json").read_text())["cells"]
+    assert [(c["scoring"], c["n_shot"]) for c in merged] == [("cloze", 0), ("letter", 0)]
+    (out / "mmlu_check.png").unlink()
+    assert mmlu_check.main(["--smoke", "--out", str(tmp_path), "--report"]) == 0
+    assert (out / "mmlu_check.png").stat().st_size > 0
+
+
+def test_mezo_prompt_smoke(tmp_path) -> None:
+    from benchmarks import mezo_prompt
+
+    cells = ["lowrank_zo_sgd", "lowrank_backprop"]
+    assert mezo_prompt.main(["--smoke", "--out", str(tmp_path), "--threads", "1", "--cells", *cells]) == 0
+    out = tmp_path / "smoke"
+    res = json.loads((out / "results.json").read_text())
+    assert 0.0 <= res["zero_shot"] <= 1.0 and [c["cell"] for c in res["cells"]] == cells
+    by = {c["cell"]: c for c in res["cells"]}
+    # r 8 on SmolLM2's default targets, the same adapter for both engines; only the engine differs
+    assert by["lowrank_zo_sgd"]["trainable_params"] == by["lowrank_backprop"]["trainable_params"] > 0
+    assert by["lowrank_zo_sgd"]["lr"] == mezo_prompt.CELLS["lowrank_zo_sgd"][-1]
+    assert all(c["best_step"] in (None, 2) and c["curve"] for c in res["cells"])
+    assert (out / "mezo_prompt.png").stat().st_size > 0

@@ -122,6 +122,11 @@ def attach(
     for cfg, path, base in plan:
         d_in, d_out = io_widths(base)
         ad = get_family(cfg.family).adapter_cls(cfg, d_in, d_out, base)
+        if isinstance(base, nn.modules.conv._ConvNd) and ad.site != "replace":
+            raise CotuneError(
+                f"{path} is a {type(base).__name__}: only a module trained in place (the full family) can sit "
+                f"there; {cfg.family!r} adapts Linear-like layers"
+            )
         ref = next((t for t in base.parameters()), None)
         if ref is not None:
             # PEFT's rule: adapters in fp32 on half-precision bases (autocast_adapter_dtype), else the base's dtype

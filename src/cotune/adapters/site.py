@@ -39,6 +39,10 @@ def io_widths(module: nn.Module) -> tuple[int, int]:
         return module.weight.shape[0], module.weight.shape[1]
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.modules.conv._ConvNd):
+        # channels; only a module trained in place (the full family's "replace" site) may sit here: attach
+        # refuses additive families, whose maps act on the last dimension, not on channels
+        return module.in_channels, module.out_channels
     w = getattr(module, "weight", None)
     if isinstance(w, torch.Tensor) and w.dim() == 1:  # LayerNorm, RMSNorm
         return w.shape[0], w.shape[0]
@@ -46,7 +50,7 @@ def io_widths(module: nn.Module) -> tuple[int, int]:
         return w.shape[1], w.shape[0]
     raise CotuneError(
         f"cannot attach an adapter to {type(module).__name__}: only Linear, Conv1D, Embedding and "
-        "normalisation layers have known input/output widths"
+        "normalisation layers (and, for the full family, convolutions) have known input/output widths"
     )
 
 

@@ -78,7 +78,7 @@ def train_collaboration(cfg: TrainConfig, verbose: bool = True) -> dict[str, Any
     )
 
     t0 = time.perf_counter()
-    check_model_available(cfg.model)
+    check_model_available(cfg.model, cfg.task.kind)
     shell = Trainer(cfg)
     shell._prepare_output()  # the same output_dir rules as a single run (overwrite, foreign folders)
     out = shell.out

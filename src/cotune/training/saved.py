@@ -78,7 +78,7 @@ def load_trained(cfg: TrainConfig, adapter_dir: str | os.PathLike) -> tuple[Any,
     from cotune.tasks import make_task
     from cotune.training.trainer import check_model_available, seed_everything
 
-    check_model_available(cfg.model)
+    check_model_available(cfg.model, cfg.task.kind)
     seed_everything(cfg.seed)  # an untrained head (train_head=false) gets the same init as in training
     task = make_task(cfg.task.kind, cfg.task.data, model=cfg.model, **cfg.task_options())
     model = task.build_model(cfg.model)

@@ -41,6 +41,7 @@ from cotune.adapters.methods import method_configs
 from cotune.adapters.registry import make_config
 from cotune.engines.base import make_engine
 from cotune.errors import CotuneError
+from cotune.tasks.base import ALIASES
 from cotune.tasks.order import step_rows
 from cotune.tasks.progress import progress
 from cotune.training.checkpoint import (
@@ -141,10 +142,19 @@ def adapter_configs(model: nn.Module, cfg: TrainConfig) -> list[AdapterConfig]:
     return [*configs, make_config("full", target_modules=default_targets("full", model))]
 
 
-def check_model_available(spec: str) -> None:
-    """Fail early, and suggest the packaged models, when ``spec`` cannot be loaded (e.g. offline hub names)."""
+def check_model_available(spec: str, kind: str | None = None) -> None:
+    """Fail early, and suggest the packaged models, when ``spec`` cannot be loaded (e.g. offline hub names).
+
+    ``kind``: the task kind; image_cls builds its bases in code from a name (``linear``, ``mlp``, ``cnn``), which
+    is no folder or hub name to resolve.
+    """
     if spec.startswith("config:"):
         return
+    if kind is not None and ALIASES.get(kind, kind) == "image_cls":
+        from cotune.tasks.image_models import IMAGE_MODELS
+
+        if spec in IMAGE_MODELS:
+            return
     from cotune.models import resolve
 
     try:
@@ -273,7 +283,7 @@ class Trainer:
     def setup(self) -> None:
         """Build the task, model, adapters and data; restore a checkpoint when resuming."""
         cfg = self.cfg
-        check_model_available(cfg.model)  # before touching output_dir
+        check_model_available(cfg.model, cfg.task.kind)  # before touching output_dir
         from cotune.tasks import make_task
 
         resume_from = self._prepare_output()
