@@ -20,7 +20,7 @@ cell's state (threads, RNG, memory) cannot leak into the next.
 Methods (``METHODS``): lowrank (LoRA r 8, alpha 8, query/value), cola (CoLA r 8, alpha 16, M|N 2|3, all
 linear layers, PiSSA init), hydra (HydraLoRA, r 8, 3 B's), kron (AdaKron r 48) and kron_mix (partial
 MAdaKron, 2 experts), loretta_adp / loretta_rep (LoRETTA TT rank 5, tensorized head), bottleneck (Houlsby,
-64), full (every parameter). Classification heads are trained with every method (a ``full`` head, or the
+64), linear / mlp (ColA's full-rank linear and MLP auxiliary models on query/value), full (every parameter). Classification heads are trained with every method (a ``full`` head, or the
 method's own tensorized head). Engines: backprop, gl (ColA gradient learning, fitter in a thread, interval
 1; the same trajectory as backprop up to float rounding), zo (MeZO, ZO-SGD, eps 1e-3, one direction; the
 same number of steps — far too few for MeZO, which papers run for 10^4-10^5 steps; stated, not hidden).
@@ -66,6 +66,8 @@ METHODS: dict[str, tuple[str, dict[str, Any], float, str]] = {
     "loretta_adp": ("loretta_adp", {}, 5e-4, "adam"),
     "loretta_rep": ("loretta_rep", {}, 1e-3, "adam"),
     "bottleneck": ("bottleneck", {"bottleneck_size": 64}, 1e-3, "adamw"),
+    "linear": ("linear", {}, 1e-3, "adamw"),
+    "mlp": ("mlp", {}, 1e-3, "adamw"),
     "full": ("full", {"target_modules": "all"}, 5e-5, "adamw"),
 }
 ENGINES = ("backprop", "gl", "zo")
@@ -111,19 +113,21 @@ def _curves(evals: list[dict], trains: list[dict], metric: str) -> dict[str, Any
 
 def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max_len: int, seed: int,
                 out: str, eval_every: int, train_limit: int | None = None, eval_limit: int | None = None,
-                pooling: str = "auto") -> Any:
-    """The ``TrainConfig`` of one GLUE/FPB cell."""
+                pooling: str = "auto", lr: float | None = None) -> Any:
+    """The ``TrainConfig`` of one GLUE/FPB cell (``lr``: instead of the method's, e.g. for a sweep)."""
     from cotune.training.config import config_from_dict
 
     data, _, _ = GLUE_TASKS[task]
-    name, options, lr, opt = METHODS[method]
+    name, options, method_lr, opt = METHODS[method]
     engine_opts: dict[str, Any] = {}
-    optim: dict[str, Any] = {"optimizer": opt, "lr": lr, "scheduler": "linear", "warmup_steps": max(1, steps // 10)}
+    optim: dict[str, Any] = {"optimizer": opt, "lr": method_lr if lr is None else lr, "scheduler": "linear",
+                             "warmup_steps": max(1, steps // 10)}
     if engine == "gl":
         engine_opts = {"placement": "thread", "interval": 1}
     elif engine == "zo":
         engine_opts = {"eps": ZO["eps"], "zo_optimizer": "sgd"}
-        optim = {"optimizer": "sgd", "lr": ZO["full_lr"] if method == "full" else ZO["lr"], "scheduler": "constant"}
+        zo_lr = ZO["full_lr"] if method == "full" else ZO["lr"]
+        optim = {"optimizer": "sgd", "lr": zo_lr if lr is None else lr, "scheduler": "constant"}
     return config_from_dict({
         "model": "minilm",
         "task": {"kind": "seq_cls", "data": str(DATA / data), "options": {"max_length": max_len, "pooling": pooling}},
@@ -137,7 +141,7 @@ def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max
 
 def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_len: int, seed: int, out: str,
              eval_every: int, threads: int = 1, train_limit: int | None = None,
-             eval_limit: int | None = None, pooling: str = "auto") -> dict[str, Any]:
+             eval_limit: int | None = None, pooling: str = "auto", lr: float | None = None) -> dict[str, Any]:
     """Train one GLUE/FPB cell and return its scores, curve and cost."""
     import torch
 
@@ -146,14 +150,14 @@ def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_le
     set_offline()
     torch.set_num_threads(threads)
     cfg = glue_config(task, method, engine, steps, batch, max_len, seed, out, eval_every, train_limit, eval_limit,
-                      pooling)
+                      pooling, lr)
     t0 = time.perf_counter()
     res = train(cfg, verbose=False)
     evals, trains = _read_log(Path(out) / "log.jsonl")
     metric = GLUE_TASKS[task][1]
     return {
         "suite": "glue", "task": task, "method": method, "engine": engine, "metric": metric, "pooling": pooling,
-        "best": res.validation.get(metric), "best_step": res.best_step, "validation": res.validation,
+        "lr": cfg.optim.lr, "best": res.validation.get(metric), "best_step": res.best_step, "validation": res.validation,
         "trainable_params": res.trainable_parameters, "train_seconds": res.train_seconds,
         "seconds": time.perf_counter() - t0, "steps": res.steps, **_curves(evals, trains, metric),
         "config": cfg.to_dict(),

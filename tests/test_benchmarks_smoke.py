@@ -221,3 +221,27 @@ def test_mezo_prompt_smoke(tmp_path) -> None:
     assert by["lowrank_zo_sgd"]["lr"] == mezo_prompt.CELLS["lowrank_zo_sgd"][-1]
     assert all(c["best_step"] in (None, 2) and c["curve"] for c in res["cells"])
     assert (out / "mezo_prompt.png").stat().st_size > 0
+
+
+def test_lr_sweep_keeps_the_current_rate_unless_another_wins_by_the_margin() -> None:
+    from benchmarks.lr_sweep import chosen
+
+    cells = [{"lr": 3e-4, "best": 0.80}, {"lr": 1e-3, "best": 0.805}, {"lr": 3e-3, "best": 0.812},
+             {"lr": 1e-2, "error": "diverged"}]
+    assert chosen(cells, 1e-3, margin=1.0)["lr"] == 1e-3  # 0.7 points better is noise on 300 rows
+    assert chosen(cells, 1e-3, margin=0.5)["lr"] == 3e-3
+    assert chosen(cells, 5e-4, margin=1.0)["lr"] == 3e-3  # the current rate was not measured: the best wins
+    assert chosen([{"lr": 1e-3, "error": "x"}], 1e-3, margin=1.0) is None
+
+
+def test_lr_sweep_smoke(tmp_path) -> None:
+    from benchmarks import lr_sweep
+
+    assert lr_sweep.main(["--smoke", "--out", str(tmp_path)]) == 0
+    out = tmp_path / "smoke"
+    res = json.loads((out / "results.json").read_text())
+    (cell,) = res["cells"]
+    assert cell["method"] == "lowrank" and cell["lr"] == quality.METHODS["lowrank"][2] and 0 <= cell["best"] <= 1
+    assert cell["trainable_params"] > 0 and (out / "lr_sweep.png").stat().st_size > 0
+    assert res["chosen"] == {"lowrank": cell["lr"]}
+    assert lr_sweep.main(["--methods", "lora"]) == 2 and lr_sweep.main(["--merge", str(tmp_path)]) == 2

@@ -1,0 +1,136 @@
+"""A learning rate per adapter family: a short sweep on one task, the best rate of each family kept.
+
+``python -m benchmarks lr_sweep [--methods lowrank,kron,...] [--factors 0.3 1 3] [--steps 150]`` trains every
+method of ``benchmarks.quality.METHODS`` (MiniLM, mean pooling, backprop, the quality suite's optimizer and
+linear schedule with 10% warm-up) on SST-2 at its current rate times each factor, and reports each family's
+best dev accuracy per rate and the rate that won. A rate is only replaced when another one beats it by more
+than ``--margin`` points (default 1.0: about the noise of 300 dev rows at 80%), so the table never moves a
+default on noise. Each cell runs in a fresh interpreter (``run_isolated``); ``--jobs 2`` runs two at once.
+Writes ``runs/bench/lr_sweep/results.json`` after each cell and ``lr_sweep.png``; ``--report`` rebuilds the
+table and plot, ``--merge DIR...`` (with ``--report``) takes the cells of other runs too.
+``--smoke``: lowrank at its own rate, 2 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import machine, markdown_table, out_dir, run_isolated, set_offline, write_json
+from benchmarks.quality import METHODS
+
+
+def chosen(cells: list[dict[str, Any]], current: float, margin: float) -> dict[str, Any] | None:
+    """The winning cell of one family: the best dev score, unless the current rate is within ``margin``."""
+    ok = [c for c in cells if "error" not in c and c.get("best") is not None]
+    if not ok:
+        return None
+    best = max(ok, key=lambda c: c["best"])
+    here = next((c for c in ok if abs(c["lr"] - current) <= 1e-12 * current), None)
+    return here if here is not None and best["best"] - here["best"] <= margin / 100 else best
+
+
+def report(res: dict[str, Any], out: Path, margin: float) -> str:
+    from benchmarks._common import _plt
+
+    by: dict[str, list[dict[str, Any]]] = {}
+    for c in res["cells"]:
+        by.setdefault(c["method"], []).append(c)
+    factors = sorted({c["factor"] for c in res["cells"]})
+    rows, winners = [], {}
+    for method, cells in by.items():
+        cur = METHODS[method][2] if method in METHODS else cells[0]["lr"] / cells[0]["factor"]
+        win = chosen(cells, cur, margin)
+        winners[method] = None if win is None else win["lr"]
+        at = {c["factor"]: c for c in cells}
+        rows.append([method, f"{cur:.1e}", *[
+            "—" if f not in at else "failed" if "error" in at[f] else f"{100 * at[f]['best']:.1f}" for f in factors],
+            "—" if win is None else f"{win['lr']:.1e}"])
+    table = markdown_table(["family", "current lr", *[f"× {f:g}" for f in factors], "chosen lr"], rows)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, cells in by.items():
+        ok = sorted((c for c in cells if "error" not in c), key=lambda c: c["lr"])
+        ax.plot([c["lr"] for c in ok], [100 * c["best"] for c in ok], marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"best SST-2 dev accuracy % ({res['eval_rows']} rows)")
+    ax.set_title(f"Learning-rate sweep, MiniLM, {res['steps']} steps of {res['batch']}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "lr_sweep.png", dpi=110)
+    plt.close(fig)
+    res["chosen"] = winners
+    return table
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks lr_sweep", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--report", action="store_true", help="rebuild the table and plot from results.json")
+    p.add_argument("--merge", nargs="+", default=[], metavar="DIR", help="with --report: other runs' cells too")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of: " + ", ".join(METHODS))
+    p.add_argument("--factors", type=float, nargs="+", default=[0.3, 1.0, 3.0])
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--eval-rows", type=int, default=300)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--margin", type=float, default=1.0, help="points a new rate must win by")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    methods = a.methods.split(",")
+    if bad := [m for m in methods if m not in METHODS]:
+        print(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
+        return 2
+    if a.merge and not a.report:
+        print("--merge only works with --report")
+        return 2
+    if a.smoke:
+        methods, a.factors, a.steps, a.batch, a.eval_rows, a.max_length = ["lowrank"], [1.0], 2, 4, 8, 32
+    out = out_dir("lr_sweep", a.smoke, a.out)
+    path = out / "results.json"
+    if a.report:
+        res = json.loads(path.read_text())
+        for folder in a.merge:
+            for c in json.loads((Path(folder) / "results.json").read_text())["cells"]:
+                res["cells"] = [x for x in res["cells"] if (x["method"], x["lr"]) != (c["method"], c["lr"])] + [c]
+        print(report(res, out, a.margin))
+        write_json(path, res)
+        return 0
+    set_offline()
+    res = {"task": a.task, "steps": a.steps, "batch": a.batch, "eval_rows": a.eval_rows, "margin": a.margin,
+           "machine": machine(), "cells": []}
+
+    def one(method: str, factor: float) -> dict[str, Any]:
+        lr = float(f"{METHODS[method][2] * factor:.2g}")
+        kw = {"task": a.task, "method": method, "engine": "backprop", "steps": a.steps, "batch": a.batch,
+              "max_len": a.max_length, "seed": 0, "out": str(out / "runs" / f"{method}_{lr:g}"),
+              "eval_every": max(1, a.steps // 3), "threads": a.threads, "eval_limit": a.eval_rows, "lr": lr}
+        try:
+            r = run_isolated("benchmarks.quality:run_cell", kw, timeout=3600, threads=a.threads)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:  # one family's failure must not lose the others
+            return {"method": method, "factor": factor, "lr": lr, "error": str(e)[-2000:]}
+        keep = ("best", "best_step", "final", "curve", "trainable_params", "train_seconds", "seconds")
+        return {"method": method, "factor": factor, "lr": lr, **{k: r[k] for k in keep}}
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        futures = [pool.submit(one, m, f) for m in methods for f in a.factors]
+        for fut in as_completed(futures):
+            c = fut.result()
+            res["cells"].append(c)
+            msg = c.get("error", "").splitlines()[-1:] or [f"best {100 * c['best']:.1f}%"]
+            print(f"  {c['method']:12} lr {c['lr']:.1e}: {msg[0]}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            write_json(path, res)
+    res["cells"].sort(key=lambda c: (methods.index(c["method"]), c["lr"]))
+    print(report(res, out, a.margin))
+    write_json(path, res)
+    return 1 if any("error" in c for c in res["cells"]) else 0
