@@ -91,6 +91,48 @@ def test_types_are_checked_and_yaml_looseness_is_coerced(tmp_path):
         load_config(p)
 
 
+def test_a_run_without_lr_takes_its_methods_tuned_rate(monkeypatch):
+    from cotune.adapters.families.bottleneck import BottleneckConfig
+    from cotune.adapters.families.kron import KronConfig
+    from cotune.adapters.methods import default_lr
+
+    def lr(**d) -> float:
+        return config_from_dict({"task": {"data": "x"}, **d}).optim.lr
+
+    # rates no family has, so each assertion can only pass through the family it names
+    monkeypatch.setattr(KronConfig, "default_lr", 0.0123)
+    monkeypatch.setattr(BottleneckConfig, "default_lr", 0.0456)
+    assert lr(method={"name": "kron"}) == 0.0123 == default_lr("kron")
+    assert lr(method={"name": "houlsby"}) == 0.0456  # a preset: its main family's rate
+    assert lr() == default_lr("lowrank") and lr(optim={"optimizer": "adam"}) == default_lr("lowrank")
+    assert lr(method={"name": "kron"}, optim={"lr": 0.02}) == 0.02  # a given rate always wins
+    # zeroth order and plain SGD work at other scales: OptimConfig's rate, as before
+    assert lr(method={"name": "kron"}, engine={"name": "zo"}) == 1e-3
+    assert lr(method={"name": "kron"}, optim={"optimizer": "sgd"}) == 1e-3
+    with pytest.raises(CotuneError, match="unknown method 'lora'"):
+        default_lr("lora")
+    # a service job follows the same rule
+    from cotune.service.jobs import _optim_config
+    from cotune.service.schemas import JobSpec
+
+    def job_lr(**spec) -> float:
+        return _optim_config(JobSpec.model_validate({"train": {"path": "x"}, "steps": 3, **spec}).model_dump()).lr
+
+    assert job_lr(method="kron", engine="gl") == 0.0123 and job_lr(method="houlsby") == 0.0456
+    assert job_lr(method="kron", optim={"lr": 0.02}) == 0.02 and job_lr(method="kron", engine="zo") == 1e-3
+
+
+def test_method_defaults_are_the_learning_rate_sweeps_winners():
+    """Each family's default_lr is what benchmarks/lr_sweep chose (docs/results/lr_sweep), not a guess."""
+    from cotune.adapters.methods import default_lr
+
+    saved = json.loads((Path(__file__).resolve().parents[1] / "docs/results/lr_sweep/results.json").read_text())
+    # kron_mix (MAdaKron) is the kron family with a mixture: the family's rate is the plain kron row's
+    chosen = {m: v for m, v in saved["chosen"].items() if v is not None and m != "kron_mix"}
+    assert len(chosen) >= 8
+    assert {m: default_lr(m) for m in chosen} == chosen
+
+
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
     a = epoch_order(1000, 3, 7)
     assert np.array_equal(a, epoch_order(1000, 3, 7))

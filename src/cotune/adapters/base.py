@@ -41,6 +41,9 @@ class AdapterConfig:
     #: Filled in by ``register``: the registry key and the ``peft_type`` written to adapter_config.json.
     family: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
+    #: The Adam(W) learning rate a run of this family gets when its config leaves ``optim.lr`` out; each
+    #: family's is the winner of ``benchmarks/lr_sweep`` (docs/RESULTS.md), as PEFT's method docs carry theirs.
+    default_lr: ClassVar[float] = 1e-3
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields plus ``peft_type`` (what adapter_config.json stores)."""
@@ -197,13 +200,17 @@ def register(
 #: A method preset: ``fn(model, **overrides) -> list[AdapterConfig]`` (see ``cotune.adapters.methods``).
 MethodFn = Callable[..., list[AdapterConfig]]
 _METHODS: dict[str, MethodFn] = {}
+#: A preset's main family (whose ``default_lr`` the preset trains with).
+_METHOD_FAMILY: dict[str, str] = {}
 
 
-def method(name: str) -> Callable[[MethodFn], MethodFn]:
-    """Function decorator registering a preset of several configs as method ``name`` (open registry)."""
+def method(name: str, family: str) -> Callable[[MethodFn], MethodFn]:
+    """Function decorator registering a preset of several configs as method ``name`` (open registry);
+    ``family``: the adapter family the preset is built on (its default learning rate is the preset's)."""
 
     def deco(fn: MethodFn) -> MethodFn:
         _METHODS[name] = fn
+        _METHOD_FAMILY[name] = family
         return fn
 
     return deco

@@ -64,10 +64,13 @@ def step_seed(seed: int, step: int) -> int:
 
 def _optim_config(spec: dict[str, Any]) -> Any:
     from cotune.engines.base import OptimConfig
+    from cotune.training.config import optim_lr
 
     o = spec.get("optim") or {}
+    optimizer = o.get("optimizer", "adamw")
+    lr = o.get("lr")
     return OptimConfig(
-        optimizer=o.get("optimizer", "adamw"), lr=float(o.get("lr", 1e-3)),
+        optimizer=optimizer, lr=float(lr if lr is not None else optim_lr(spec["method"], spec["engine"], optimizer)),
         weight_decay=float(o.get("weight_decay", 0.0)), momentum=float(o.get("momentum", 0.0)),
         scheduler=o.get("scheduler", "constant"), warmup_steps=int(o.get("warmup_steps", 0)),
         total_steps=int(spec["steps"]), max_grad_norm=o.get("max_grad_norm"),

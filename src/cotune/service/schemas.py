@@ -40,7 +40,8 @@ class DataRef(Strict):
 
 class OptimSpec(Strict):
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(default=1e-3, gt=0, le=10, allow_inf_nan=False)
+    lr: float | None = Field(default=None, gt=0, le=10, allow_inf_nan=False,
+                             description="default: the method's tuned rate for adam/adamw, else 1e-3")
     weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     momentum: float = Field(default=0.0, ge=0, lt=1, allow_inf_nan=False)
     scheduler: Literal["constant", "linear", "cosine"] = "constant"

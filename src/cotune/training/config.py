@@ -6,7 +6,7 @@ A config file mirrors ``TrainConfig`` (see ``examples/*.yaml``)::
     task: {kind: seq_cls, data: ../shared/data/glue/SST-2, options: {max_length: 64}}
     method: {name: lowrank, options: {r: 8, lora_alpha: 8}}
     engine: {name: gl, options: {interval: 1}}
-    optim: {optimizer: adamw, lr: 1.0e-3}
+    optim: {optimizer: adamw, lr: 1.0e-3}   # without lr: the method's default_lr (Adam/AdamW, not zo)
     batch_size: 32
     max_steps: 500
     output_dir: runs/sst2-cola
@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from cotune.adapters.methods import method_configs, methods
+from cotune.adapters.methods import default_lr, method_configs, methods
 from cotune.adapters.registry import families, get_family
 from cotune.config import deep_update, from_dict, parse_overrides
 from cotune.engines.base import OptimConfig
@@ -127,11 +127,29 @@ class TrainConfig:
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """A validated ``TrainConfig``; unknown keys at any level are an error listing the valid ones."""
+    """A validated ``TrainConfig``; unknown keys at any level are an error listing the valid ones.
+
+    ``optim.lr`` left out: the method's tuned rate (``optim_lr``), written into the saved config.
+    """
     _hint_method_options(d)
+    optim, method, engine = (d.get(k) for k in ("optim", "method", "engine"))
+    if isinstance(optim, dict | None) and "lr" not in (optim or {}) and isinstance(method, dict | None):
+        d = {**d, "optim": {**(optim or {}), "lr": optim_lr(
+            (method or {}).get("name", MethodConfig.name),
+            (engine or {}).get("name", EngineConfig.name) if isinstance(engine, dict) else EngineConfig.name,
+            (optim or {}).get("optimizer", OptimConfig.optimizer))}}
     cfg: TrainConfig = from_dict(TrainConfig, d)
     validate(cfg)
     return cfg
+
+
+def optim_lr(method: str, engine: str, optimizer: str) -> float:
+    """The learning rate of a run that names none: the method's ``default_lr`` for an Adam(W) run with
+    gradients (backprop, gl), ``OptimConfig``'s otherwise (zeroth order and plain SGD take rates of
+    another scale, which no family default describes)."""
+    if engine != "zo" and optimizer in ("adam", "adamw") and method in methods():
+        return default_lr(method)
+    return OptimConfig.lr
 
 
 def _hint_method_options(d: dict[str, Any]) -> None:

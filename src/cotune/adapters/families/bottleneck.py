@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -54,6 +54,7 @@ PFEIFFER_TARGETS: dict[str, list[str] | str] = {
 
 @dataclass
 class BottleneckConfig(AdapterConfig):
+    default_lr: ClassVar[float] = 0.001  # benchmarks/lr_sweep's choice (docs/RESULTS.md)
     site: str | None = "sequential"
     bottleneck_size: int = 64
     activation: str = "relu"
@@ -89,8 +90,10 @@ class Bottleneck(Adapter):
 
 
 def _placed(placement: dict[str, list[str] | str], label: str, model: nn.Module | None, **overrides: Any):
+    if "target_modules" not in overrides and model is None:  # a config check: the placement comes with the model
+        return [BottleneckConfig.from_dict(overrides, strict=True)]
     if "target_modules" not in overrides:
-        mt = model_type(model) if model is not None else ""
+        mt = model_type(model)
         if mt not in placement:
             raise CotuneError(
                 f"{label} adapters have no default placement for model type {mt or 'unknown'!r}; "
@@ -100,13 +103,13 @@ def _placed(placement: dict[str, list[str] | str], label: str, model: nn.Module 
     return [BottleneckConfig.from_dict(overrides, strict=True)]
 
 
-@method("houlsby")
+@method("houlsby", family="bottleneck")
 def houlsby(model: nn.Module | None = None, **overrides: Any) -> list[AdapterConfig]:
     """Bottleneck adapters after attention and feed-forward outputs (Houlsby placement)."""
     return _placed(HOULSBY_TARGETS, "houlsby", model, **overrides)
 
 
-@method("pfeiffer")
+@method("pfeiffer", family="bottleneck")
 def pfeiffer(model: nn.Module | None = None, **overrides: Any) -> list[AdapterConfig]:
     """Bottleneck adapters after the feed-forward output only (Pfeiffer placement)."""
     return _placed(PFEIFFER_TARGETS, "pfeiffer", model, **overrides)

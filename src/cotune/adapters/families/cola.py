@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -79,6 +80,7 @@ COLA_DEFAULT_TARGETS: dict[str, list[str] | str] = {
 
 @dataclass
 class ColaConfig(AdapterConfig):
+    default_lr: ClassVar[float] = 0.00015  # benchmarks/lr_sweep's choice (docs/RESULTS.md)
     r: int = 8
     lora_alpha: float = 16.0
     #: M, the number of down matrices A_i.

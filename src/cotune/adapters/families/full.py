@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ HEAD_DEFAULT_TARGETS: dict[str, list[str] | str] = {
 
 @dataclass
 class FullConfig(AdapterConfig):
+    default_lr: ClassVar[float] = 5e-05  # benchmarks/lr_sweep's choice (docs/RESULTS.md)
     site: str | None = "replace"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from cotune.errors import CotuneError
 
 @dataclass
 class HydraConfig(AdapterConfig):
+    default_lr: ClassVar[float] = 0.001  # benchmarks/lr_sweep's choice (docs/RESULTS.md)
     r: int = 8
     lora_alpha: float = 16.0
     #: N, the number of heads B_j (the reference's ``lora_num``).

@@ -32,6 +32,7 @@ Saved tensor names (``k = sharing_down``, 4 by default): ``down_a.weight (E_a, k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,7 @@ class KronConfig(AdapterConfig):
     ``sharing_up``, ``sharing_down``, ``inference_level``, ``consistency_loss``: AdaKron's flags (module docstring).
     """
 
+    default_lr: ClassVar[float] = 0.001  # benchmarks/lr_sweep's choice (docs/RESULTS.md)
     r: int = 48
     mixture: str = "none"
     num_experts: int | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -63,6 +64,7 @@ def build_on(base: nn.Module | None) -> contextlib.AbstractContextManager:
 
 @dataclass
 class LinearConfig(AdapterConfig):
+    default_lr: ClassVar[float] = 0.001  # benchmarks/lr_sweep's choice (docs/RESULTS.md)
     #: Add a trainable bias ``b`` (merging then needs a base module with a bias).
     bias: bool = False
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,7 @@ class LorettaAdpConfig(AdapterConfig):
     """``bottleneck``: width of the TT bottleneck; ``tt_rank``: TT rank; ``tt_shape``: override of the flat
     TT shape (product ``H·bottleneck``) for both layers; ``tt_mode``: auto | materialize | cores."""
 
+    default_lr: ClassVar[float] = 0.0015  # benchmarks/lr_sweep's choice (docs/RESULTS.md)
     bottleneck: int = 64
     tt_rank: int = 5
     tt_shape: list[int] | None = None
@@ -100,6 +102,7 @@ class LorettaRepConfig(AdapterConfig):
     ``A_full`` (product ``d_in·r``) and also serves ``B_full`` when ``d_in = d_out``; ``tt_shape_b`` sets
     ``B_full``'s (product ``r·d_out``) explicitly."""
 
+    default_lr: ClassVar[float] = 0.001  # benchmarks/lr_sweep's choice (docs/RESULTS.md)
     r: int = 8
     lora_alpha: float = 16.0
     tt_rank: int = 5

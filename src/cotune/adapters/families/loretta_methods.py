@@ -128,7 +128,7 @@ def _split(
     return train_norms, tensorize, overrides, tt
 
 
-@method("loretta_adp")
+@method("loretta_adp", family="loretta_adp")
 def loretta_adp(model: nn.Module | None = None, **overrides: Any) -> list[AdapterConfig]:
     """TT bottleneck adapters + trainable norms + tensorized classifier (LoRETTA_adp)."""
     train_norms, tensorize, rest, tt = _split(dict(overrides), True, {"adapters"})
@@ -138,7 +138,7 @@ def loretta_adp(model: nn.Module | None = None, **overrides: Any) -> list[Adapte
     return configs + head_configs(model, tensorize, **tt)
 
 
-@method("loretta_rep")
+@method("loretta_rep", family="loretta_rep")
 def loretta_rep(model: nn.Module | None = None, **overrides: Any) -> list[AdapterConfig]:
     """TT-factored parallel updates of query/value + tensorized classifier (LoRETTA_rep)."""
     train_norms, tensorize, rest, tt = _split(dict(overrides), False, set())

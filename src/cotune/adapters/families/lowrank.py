@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> tor
 
 @dataclass
 class LowRankConfig(AdapterConfig):
+    default_lr: ClassVar[float] = 0.003  # benchmarks/lr_sweep's choice (docs/RESULTS.md)
     r: int = 8
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0

@@ -8,6 +8,7 @@ init. ``s = 1``. Not mergeable: the map is not linear in its input (``merge`` ra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from cotune.errors import CotuneError
 
 @dataclass
 class MLPConfig(AdapterConfig):
+    default_lr: ClassVar[float] = 0.003  # benchmarks/lr_sweep's choice (docs/RESULTS.md)
     #: Hidden widths between the input and output layers (ColA: 128 then 256).
     hidden_sizes: list[int] = field(default_factory=lambda: [128, 256])
     activation: str = "relu"
