@@ -56,9 +56,9 @@ METHODS: dict[str, tuple[str, str, str]] = {
 #: family -> options (ColA's: low rank r 8 with scale 1; the linear and MLP auxiliaries at their defaults)
 OPTIONS: dict[str, dict[str, Any]] = {"full": {}, "lowrank": {"r": 8, "lora_alpha": 8}, "linear": {}, "mlp": {}}
 LRS = (3e-4, 1e-3, 3e-3, 1e-2)
-#: the learning rate of a family when the check is skipped (--lr-steps 0): what the check chose in the full run
 #: per-step training losses kept in results.json (the gl-vs-backprop gaps are computed over every step first)
 KEEP_LOSSES = 100
+#: the learning rate of a family when the check is skipped (--lr-steps 0): what the check chose in the full run
 DEFAULT_LR: dict[str, float] = {"full": 3e-3, "lowrank": 1e-2, "linear": 3e-3, "mlp": 3e-3}
 
 
@@ -150,7 +150,7 @@ def run_cell(
     t0 = time.perf_counter()
     res = tr.train()
     seconds = time.perf_counter() - t0
-    evals = [e for e in tr.state.evals]
+    evals = list(tr.state.evals)
     r: dict[str, Any] = {
         "base": base,
         "method": method,

@@ -20,8 +20,8 @@ cell's state (threads, RNG, memory) cannot leak into the next.
 Methods (``METHODS``): lowrank (LoRA r 8, alpha 8, query/value), cola (CoLA r 8, alpha 16, M|N 2|3, all
 linear layers, PiSSA init), hydra (HydraLoRA, r 8, 3 B's), kron (AdaKron r 48) and kron_mix (partial
 MAdaKron, 2 experts), loretta_adp / loretta_rep (LoRETTA TT rank 5, tensorized head), bottleneck (Houlsby,
-64), linear / mlp (ColA's full-rank linear and MLP auxiliary models on query/value), full (every parameter). Classification heads are trained with every method (a ``full`` head, or the
-method's own tensorized head). Engines: backprop, gl (ColA gradient learning, fitter in a thread, interval
+64), linear / mlp (ColA's full-rank linear and MLP auxiliary models on query/value), full (every parameter).
+Classification heads are trained with every method (a ``full`` head, or the method's own tensorized head). Engines: backprop, gl (ColA gradient learning, fitter in a thread, interval
 1; the same trajectory as backprop up to float rounding), zo (MeZO, ZO-SGD, eps 1e-3, one direction; the
 same number of steps — far too few for MeZO, which papers run for 10^4-10^5 steps; stated, not hidden).
 """
@@ -157,7 +157,8 @@ def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_le
     metric = GLUE_TASKS[task][1]
     return {
         "suite": "glue", "task": task, "method": method, "engine": engine, "metric": metric, "pooling": pooling,
-        "lr": cfg.optim.lr, "best": res.validation.get(metric), "best_step": res.best_step, "validation": res.validation,
+        "lr": cfg.optim.lr, "best": res.validation.get(metric), "best_step": res.best_step,
+        "validation": res.validation,
         "trainable_params": res.trainable_parameters, "train_seconds": res.train_seconds,
         "seconds": time.perf_counter() - t0, "steps": res.steps, **_curves(evals, trains, metric),
         "config": cfg.to_dict(),

@@ -1,8 +1,8 @@
 """Named methods: a method is one family, or a preset of several configs that the papers train together
 (e.g. ``loretta_adp`` = TT adapters + trainable LayerNorms + the tensorized classifier).
 
-Open registry like the families: ``@method("name", family="its main family")`` on ``fn(model, **overrides) -> list[AdapterConfig]``
-(defined in :mod:`cotune.adapters.base`, below the built-in families that register presets with it, and
+Open registry like the families: ``@method("name", family="its main family")`` on
+``fn(model, **overrides) -> list[AdapterConfig]`` (defined in :mod:`cotune.adapters.base`, below the built-in families that register presets with it, and
 importable from here).
 """
 

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--steps", type=int, default=100)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--max-length", type=int, default=128)
-    s.add_argument("--lr", type=float, default=None, help="default: the method's tuned rate (1e-3 for zo)")
+    s.add_argument("--lr", type=float, default=None, help="default: the method's tuned rate (1e-3 for zo and sgd)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--wait", action="store_true", help="wait until the job finishes")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="adapter options, e.g. r=8 lora_alpha=16")

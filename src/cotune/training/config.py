@@ -132,13 +132,9 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     ``optim.lr`` left out: the method's tuned rate (``optim_lr``), written into the saved config.
     """
     _hint_method_options(d)
-    optim, method, engine = (d.get(k) for k in ("optim", "method", "engine"))
-    if isinstance(optim, dict | None) and "lr" not in (optim or {}) and isinstance(method, dict | None):
-        d = {**d, "optim": {**(optim or {}), "lr": optim_lr(
-            (method or {}).get("name", MethodConfig.name),
-            (engine or {}).get("name", EngineConfig.name) if isinstance(engine, dict) else EngineConfig.name,
-            (optim or {}).get("optimizer", OptimConfig.optimizer))}}
     cfg: TrainConfig = from_dict(TrainConfig, d)
+    if "lr" not in (d.get("optim") or {}):  # replace() re-runs OptimConfig's range checks
+        cfg.optim = dataclasses.replace(cfg.optim, lr=optim_lr(cfg.method.name, cfg.engine.name, cfg.optim.optimizer))
     validate(cfg)
     return cfg
 

@@ -90,9 +90,7 @@ class Bottleneck(Adapter):
 
 
 def _placed(placement: dict[str, list[str] | str], label: str, model: nn.Module | None, **overrides: Any):
-    if "target_modules" not in overrides and model is None:  # a config check: the placement comes with the model
-        return [BottleneckConfig.from_dict(overrides, strict=True)]
-    if "target_modules" not in overrides:
+    if "target_modules" not in overrides and model is not None:  # without a model: only the options are checked
         mt = model_type(model)
         if mt not in placement:
             raise CotuneError(
