@@ -4,9 +4,10 @@ The site is the one place where an adapter's contribution is composed with the b
 (``adapt_input`` for *pre* sites, ``adapt_output`` for the others); a single job and a routed mixed
 batch both go through it. Two hooks let the engines and the tenant bank work without knowing any family:
 
-* ``taps[name](site, adapter, u, h, seed) -> h``: per adapter set, called with the adapter input ``u`` and
-  the tensor ``h`` its contribution is added to (for a merged set, ``h`` is the module output); gradient
-  learning registers a gradient hook on ``h`` here.
+* ``taps[name](site, adapter, u, h, seed[, rows]) -> h``: per adapter set, called with the adapter input ``u``
+  and the tensor ``h`` its contribution is added to (for a merged set, ``h`` is the module output); gradient
+  learning registers a gradient hook on ``h`` here. ``rows`` is passed only when ``h`` is a whole mixed
+  batch's tensor of which only these rows (``u``'s) are the set's: the router's one-add gathered path.
 * ``router``: an object whose ``forward(site, x, *args, **kwargs)`` replaces this forward, so that each
   row of a mixed batch gets its own tenant's adapter (``cotune.tenants``); it calls back ``adapt_input``
   and ``adapt_output`` for each tenant's rows.
@@ -24,7 +25,17 @@ from torch import nn
 from cotune.adapters.base import Adapter
 from cotune.errors import CotuneError
 
-Tap = Callable[["AdaptedModule", Adapter, torch.Tensor, torch.Tensor, int | None], torch.Tensor]
+#: the rows of one adapter set in a mixed batch: a ``slice`` (a view) or a ``LongTensor`` of row indices
+Rows = slice | torch.Tensor
+Tap = Callable[["AdaptedModule", Adapter, torch.Tensor, torch.Tensor, int | None, Rows | None], torch.Tensor]
+
+
+def take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """``x[rows]`` along dim 0: ``x`` itself when ``rows`` spans it (no slice node for autograd to undo), a
+    view for any other slice, a gather for indices."""
+    if isinstance(rows, slice):
+        return x if rows.start in (0, None) and rows.stop == x.shape[0] and rows.step in (1, None) else x[rows]
+    return x.index_select(0, rows.to(x.device))
 
 
 class Router(Protocol):
@@ -132,10 +143,14 @@ class AdaptedModule(nn.Module):
         """``s·g(u)`` in the adapter's ``compute_dtype`` (the caller casts): never below fp32."""
         return ad.scaling * ad(u.to(ad.compute_dtype) if u.is_floating_point() else u, seed=seed)
 
-    def tapped(self, name: str, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None) -> torch.Tensor:
-        """``h`` through set ``name``'s tap, if it has one."""
+    def tapped(
+        self, name: str, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None, rows: Rows | None = None
+    ) -> torch.Tensor:
+        """``h`` through set ``name``'s tap, if it has one (``rows``: see ``taps``)."""
         tap = self.taps.get(name)
-        return h if tap is None else tap(self, ad, u, h, seed)
+        if tap is None:
+            return h
+        return tap(self, ad, u, h, seed) if rows is None else tap(self, ad, u, h, seed, rows)
 
     # -- merging -----------------------------------------------------------------------------------
     def merge(self, name: str | None = None) -> None:

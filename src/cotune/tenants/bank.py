@@ -40,9 +40,9 @@ from cotune.adapters.attach import (
 from cotune.adapters.base import Adapter, AdapterConfig
 from cotune.adapters.io import load_weights, present_heads, read_adapter_config, save_adapter
 from cotune.adapters.registry import get_family, make_config
-from cotune.adapters.site import io_widths
+from cotune.adapters.site import io_widths, take
 from cotune.errors import CotuneError
-from cotune.tenants.routing import BASE, RowGroups, TenantRouter, take
+from cotune.tenants.routing import BASE, RowGroups, TenantRouter
 
 AdapterSpec = AdapterConfig | str | os.PathLike | Sequence[AdapterConfig | str]
 HeadSpec = int | nn.Module | None

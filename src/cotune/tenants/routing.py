@@ -13,8 +13,9 @@ A mixed batch carries one tenant id per row. ``TenantRouter`` is installed as th
 4. batches the tenants whose adapters declare a low-rank form (``Adapter.lowrank_factors()``) and share
    its shapes into one gathered matmul (``torch.bmm`` over the stacked ``A``/``B`` indexed by row).
 
-Every tenant's contribution still goes through the site's tap of that tenant's set with only that
-tenant's rows, so gradient learning captures ``(u, δ)`` already split by tenant.
+Every tenant's contribution still goes through the site's tap of that tenant's set with that tenant's
+rows (as its own slice of the output, or, on the one-add path, as ``rows`` of the whole output), so
+gradient learning captures ``(u, δ)`` already split by tenant.
 
 The base module must act row-wise on dim 0 (Linear, Conv1D, norms, Embedding do), which is also what
 makes a tenant's result in a mixed batch equal to its result alone.
@@ -31,10 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cotune.adapters.base import Adapter
-from cotune.adapters.site import AdaptedModule
+from cotune.adapters.site import AdaptedModule, Rows, take
 from cotune.errors import CotuneError
-
-Rows = slice | torch.Tensor
 
 #: the tenant id of rows that run through the frozen base model alone (no tenant may take this id)
 BASE = ""
@@ -82,11 +81,6 @@ class RowGroups:
             if t == tenant:
                 return r
         raise CotuneError(f"tenant {tenant!r} has no rows in this batch; present: {[t for t, _ in self.groups]}")
-
-
-def take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """``x[rows]`` along dim 0 (a view for a slice)."""
-    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows.to(x.device))
 
 
 def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -200,16 +194,18 @@ class TenantRouter:
         replaced = sum(ad.site == "replace" for _, _, ad in plan)
         y = self._base(site, x_in, *args, **kwargs) if replaced < len(g.groups) else None
 
-        # 3. the gathered low-rank matmul, as one add when it covers every row and nobody taps.
+        # 3. the gathered low-rank matmul, as one add when it covers every row: a tenant's tap then pairs its
+        #    own rows of the whole output (no per-tenant slices, sums and concatenation for autograd to undo).
         out = [(t, r, ad) for t, r, ad in plan if ad.site != "pre"]
         deltas: dict[str, torch.Tensor] = {}
         if self.gather:
             for members in _buckets(out):
                 ads = [ad for _, _, ad in members]
-                if y is not None and len(members) == len(plan) == len(g.groups) and g.contiguous and not (
-                    set(site.taps) & {t for t, _, _ in members}
-                ):
-                    return y + gathered_lowrank(x, _row_index(g, [t for t, _, _ in members]), ads).to(y.dtype)
+                if y is not None and len(members) == len(plan) == len(g.groups) and g.contiguous:
+                    h = y + gathered_lowrank(x, _row_index(g, [t for t, _, _ in members]), ads).to(y.dtype)
+                    for t, r, ad in members:
+                        h = site.tapped(t, ad, take(x, r), h, seeds[t], r)
+                    return h
                 sub_rows, row_tenant, spans = _bucket_rows(g, members)
                 d_all = gathered_lowrank(x if sub_rows is None else take(x, sub_rows), row_tenant, ads)
                 deltas.update({t: take(d_all, span) for (t, _, _), span in zip(members, spans, strict=True)})

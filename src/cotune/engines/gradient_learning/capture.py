@@ -6,7 +6,9 @@ contribution is added to, so ``δ = ∂L/∂h`` is known the moment autograd com
 start on it while the backward pass goes on). Merged, no adapter runs: the site taps the module input as
 ``u`` and its output as ``h`` (the same tensor, since the adapter's contribution is folded into the weight),
 and so does the tenant router for a tenant covered by a collaborative merge. In a mixed batch the router
-taps each tenant's own rows, so every record already belongs to one adapter set.
+taps each tenant's own rows, so every record already belongs to one adapter set: either ``h`` is the
+tenant's own slice, or ``h`` is the whole batch's output and the tap's ``rows`` say which rows of its
+gradient are the tenant's ``δ`` (one hook per tenant on the shared tensor, each taking a view of its rows).
 
 Every call of a site produces its own record with its own ``h`` and hook, so a module called twice in
 one forward (weight tying) yields two correctly paired records, numbered by ``call``. Calls made while
@@ -25,7 +27,7 @@ from torch import nn
 
 from cotune.adapters.attach import active_set, sites
 from cotune.adapters.base import Adapter
-from cotune.adapters.site import AdaptedModule
+from cotune.adapters.site import AdaptedModule, Rows, take
 from cotune.errors import CotuneError
 
 
@@ -130,16 +132,29 @@ class Capture:
 
     # -- the hooks -------------------------------------------------------------------------------
     def _tap(
-        self, site: AdaptedModule, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None
+        self,
+        site: AdaptedModule,
+        ad: Adapter,
+        u: torch.Tensor,
+        h: torch.Tensor,
+        seed: int | None,
+        rows: Rows | None = None,
     ) -> torch.Tensor:
         if site.merged == self.name and self._phase != "idle":
             # The server never runs the adapter: the fitter evaluates its deterministic (eval-mode) map.
             refuse_stochastic_merge(site.path, ad)
-            return self._record(site, ad, u, h, None, False)
-        return self._record(site, ad, u, h, seed, ad.training)
+            return self._record(site, ad, u, h, None, False, rows)
+        return self._record(site, ad, u, h, seed, ad.training, rows)
 
     def _record(
-        self, site: AdaptedModule, ad: Adapter, u: torch.Tensor, h: torch.Tensor, seed: int | None, training: bool
+        self,
+        site: AdaptedModule,
+        ad: Adapter,
+        u: torch.Tensor,
+        h: torch.Tensor,
+        seed: int | None,
+        training: bool,
+        rows: Rows | None,
     ) -> torch.Tensor:
         if self._phase == "idle":
             return h
@@ -165,12 +180,15 @@ class Capture:
         u = u.detach()
         rec = SiteRecord(site.path, call, self.name, u, seed, training, u_version=u._version)
         self.records.append(rec)
-        h.register_hook(lambda grad, rec=rec: self._on_grad(rec, grad))
+        if rows is None:
+            h.register_hook(lambda grad, rec=rec: self._on_grad(rec, grad))
+        else:
+            h.register_hook(lambda grad, rec=rec, rows=rows: self._on_grad(rec, take(grad, rows)))
         return h
 
     def _on_grad(self, rec: SiteRecord, grad: torch.Tensor) -> None:
-        # Keep autograd's own tensor (not a detached alias): holding a reference stops autograd from
-        # accumulating into it in place later in the backward pass.
+        # Keep autograd's own tensor (not a detached alias), or a view of it: holding a reference to its
+        # storage stops autograd from accumulating into it in place later in the backward pass.
         rec.delta = grad
         if self.on_delta is not None:
             self.on_delta(rec)
