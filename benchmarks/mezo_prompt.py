@@ -8,7 +8,9 @@ ZO-SGD and ZO-Adam, LoRETTA's tensor-train update (``loretta_rep``) with ZO-SGD,
 on the same prompt, rows and steps (the gap zeroth order leaves). Every cell reports the dev accuracy of the
 untrained model (zero-shot), its best and final dev accuracy and its curve. Writes
 ``runs/bench/mezo_prompt/results.json`` and ``mezo_prompt.png``; ``--report`` rebuilds them from the results
-file, ``--cells`` runs a subset. ``--smoke``: 2 steps, 8 dev rows.
+file, ``--cells`` runs a subset. ``--collect DIR...`` merges the cells of earlier runs (their ``--out``
+folders) into ``--out``, rebuilding from its training log any cell stopped before its last step (its
+seconds are then the log's wall time, evaluations included). ``--smoke``: 2 steps, 8 dev rows.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from typing import Any
 
 from benchmarks._common import DATA, machine, markdown_table, out_dir, set_offline, write_json
 
-TEMPLATE, VERBALIZER = "{text} It was", ["terrible", "great"]
+#: name -> (template, verbalizer). ``it_was`` is MeZO's SST-2 prompt; SmolLM2-135M answers it with one word for
+#: almost every sentence (a degenerate 52% start). ``review`` starts at 77% with both words in use.
+PROMPTS: dict[str, tuple[str, list[str]]] = {
+    "it_was": ("{text} It was", ["terrible", "great"]),
+    "review": ("Review: {text}\nSentiment:", ["negative", "positive"]),
+}
 #: name -> (method, method options, engine, engine options, optimizer, lr). MeZO's LoRA grid is lr 1e-4 / 5e-5 with
 #: eps 1e-2 over 20k+ steps; a CPU budget of a few hundred steps takes the best rate of a short sweep (ZO-SGD at
 #: 100 steps, batch 8, 200 dev rows: lr 3e-3 beat 1e-2 and 3e-2 for both families; docs/RESULTS.md).
@@ -34,8 +41,9 @@ CELLS: dict[str, tuple[str, dict, str, dict, str, float]] = {
 }
 
 
-def task_options(max_len: int) -> dict[str, Any]:
-    return {"template": TEMPLATE, "verbalizer": VERBALIZER, "max_length": max_len}
+def task_options(a: argparse.Namespace) -> dict[str, Any]:
+    template, verbalizer = PROMPTS[a.prompt]
+    return {"template": template, "verbalizer": verbalizer, "max_length": a.max_len}
 
 
 def run_cell(name: str, a: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -45,9 +53,11 @@ def run_cell(name: str, a: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     method, mopts, engine, eopts, opt, lr = CELLS[name]
     lr = a.lr if a.lr is not None else lr
+    if engine == "zo":
+        eopts = {**eopts, "n_directions": a.n_directions}
     cfg = config_from_dict({
         "model": "smollm2",
-        "task": {"kind": "multiple_choice", "data": str(DATA / "glue" / "SST-2"), "options": task_options(a.max_len)},
+        "task": {"kind": "multiple_choice", "data": str(DATA / "glue" / "SST-2"), "options": task_options(a)},
         "method": {"name": method, "options": dict(mopts)}, "engine": {"name": engine, "options": dict(eopts)},
         "optim": {"optimizer": opt, "lr": lr, "scheduler": "constant"}, "seed": a.seed, "batch_size": a.batch,
         "eval_batch_size": 32, "max_steps": a.steps, "eval_every": a.eval_every, "eval_limit": a.eval_rows,
@@ -58,9 +68,43 @@ def run_cell(name: str, a: argparse.Namespace, out: Path) -> dict[str, Any]:
     res = train(cfg, verbose=False)
     evals, trains = _read_log(Path(cfg.output_dir) / "log.jsonl")
     return {"cell": name, "method": method, "engine": engine, "optimizer": eopts.get("zo_optimizer", opt), "lr": lr,
-            "best": res.validation.get("accuracy"), "best_step": res.best_step,
+            "n_directions": eopts.get("n_directions"), "best": res.validation.get("accuracy"), "best_step": res.best_step,
             "trainable_params": res.trainable_parameters, "train_seconds": res.train_seconds,
             "seconds": time.perf_counter() - t0, **_curves(evals, trains, "accuracy")}
+
+
+def collect(dirs: list[str]) -> dict[str, Any]:
+    """One results dict from earlier runs' ``--out`` folders; a cell without a result is rebuilt from its log."""
+    import yaml
+
+    from benchmarks.quality import _curves, _read_log
+
+    res: dict[str, Any] = {}
+    for d in map(Path, dirs):
+        done = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {"cells": []}
+        cells = {c["cell"]: c for c in done["cells"]}
+        for log in sorted(d.glob("runs/*/log.jsonl")):
+            name = log.parent.name
+            if name in cells:
+                continue
+            cfg = yaml.safe_load((log.parent / "config.yaml").read_text())
+            evals, trains = _read_log(log)
+            if not evals:  # stopped before its first evaluation: nothing to report
+                continue
+            start = json.loads(log.read_text().splitlines()[0])
+            best = max(evals, key=lambda e: e["accuracy"])
+            eopts = cfg["engine"]["options"]
+            cells[name] = {
+                "cell": name, "method": cfg["method"]["name"], "engine": cfg["engine"]["name"],
+                "optimizer": eopts.get("zo_optimizer", cfg["optim"]["optimizer"]), "lr": cfg["optim"]["lr"],
+                "n_directions": eopts.get("n_directions"), "best": best["accuracy"], "best_step": best["step"],
+                "trainable_params": start["trainable_parameters"], "stopped_at": trains[-1]["step"],
+                "train_seconds": log.stat().st_mtime - (log.parent / "config.yaml").stat().st_mtime,
+                **_curves(evals, trains, "accuracy"),
+            }
+        base = {k: v for k, v in done.items() if k != "cells"}
+        res = {**base, **res, "cells": res.get("cells", []) + list(cells.values())}
+    return res
 
 
 def zero_shot(a: argparse.Namespace) -> float:
@@ -68,17 +112,18 @@ def zero_shot(a: argparse.Namespace) -> float:
     from cotune.models import load_model
     from cotune.tasks import make_task
 
-    task = make_task("multiple_choice", str(DATA / "glue" / "SST-2"), "smollm2", **task_options(a.max_len))
+    task = make_task("multiple_choice", str(DATA / "glue" / "SST-2"), "smollm2", **task_options(a))
     return task.evaluate(load_model("smollm2", "causal_lm"), task.load("validation").rows[: a.eval_rows], 32)[
         "accuracy"]
 
 
 def report(res: dict[str, Any], out: Path) -> str:
     zs = res["zero_shot"]
-    rows = [[c["cell"], c["trainable_params"], 100 * zs, 100 * (c["best"] or 0), 100 * ((c["best"] or 0) - zs),
-             100 * (c["final"] or 0), c["best_step"], f"{c['train_seconds']:.0f}"] for c in res["cells"]]
-    table = markdown_table(["cell", "trainable", "zero-shot %", "best dev %", "gain (points)", "final dev %",
-                            "best step", "train s"], rows, digits=1)
+    rows = [[c["cell"], f"{c['lr']:g}", c["trainable_params"], c.get("stopped_at", res["steps"]), 100 * zs,
+             100 * (c["best"] or 0), 100 * ((c["best"] or 0) - zs), 100 * (c["final"] or 0), c["best_step"],
+             f"{c['train_seconds']:.0f}"] for c in res["cells"]]
+    table = markdown_table(["cell", "lr", "trainable", "steps", "zero-shot %", "best dev %", "gain (points)",
+                            "final dev %", "best step", "train s"], rows, digits=1)
     from benchmarks._common import _plt
 
     plt = _plt()
@@ -89,7 +134,7 @@ def report(res: dict[str, Any], out: Path) -> str:
     ax.axhline(100 * zs + 5, color="gray", ls=":", label="zero-shot + 5 (target)")
     ax.set_xlabel("step")
     ax.set_ylabel(f"SST-2 dev accuracy % ({res['eval_rows']} rows)")
-    ax.set_title("Prompt-based SST-2 on SmolLM2-135M-Instruct: MeZO vs backprop")
+    ax.set_title(f"SST-2 through SmolLM2-135M-Instruct's LM head ({res.get('prompt', 'it_was')} prompt)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "mezo_prompt.png", dpi=110)
@@ -107,22 +152,29 @@ def main(argv: list[str]) -> int:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-rows", type=int, default=300)
     p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--prompt", default="it_was", choices=list(PROMPTS))
+    p.add_argument("--n-directions", type=int, default=1, help="MeZO: directions averaged per step")
     p.add_argument("--lr", type=float, default=None, help="override every cell's learning rate (a sweep)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
+    p.add_argument("--collect", nargs="+", default=None, metavar="DIR", help="merge earlier runs' --out folders")
     a = p.parse_args(argv)
     if a.smoke:
         a.steps, a.batch, a.eval_every, a.eval_rows = 2, 2, 2, 8
     out = out_dir("mezo_prompt", a.smoke, a.out)
-    if a.report:
+    if a.collect:
+        res = collect(a.collect)
+        write_json(out / "results.json", res)
+    elif a.report:
         res = json.loads((out / "results.json").read_text())
     else:
         import torch
 
         set_offline()
         torch.set_num_threads(a.threads)
-        res = {"template": TEMPLATE, "verbalizer": VERBALIZER, "steps": a.steps, "batch": a.batch,
+        res = {"prompt": a.prompt, "template": PROMPTS[a.prompt][0], "verbalizer": PROMPTS[a.prompt][1],
+               "n_directions": a.n_directions, "steps": a.steps, "batch": a.batch,
                "eval_rows": a.eval_rows, "machine": machine(), "zero_shot": zero_shot(a), "cells": []}
         for name in a.cells:
             res["cells"].append(run_cell(name, a, out))

@@ -4,6 +4,7 @@ formulas they claim: analytic byte counts, LoRA parameter counts, the peak-RSS m
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -207,15 +208,30 @@ def test_mmlu_check_smoke(tmp_path) -> None:
     assert (out / "mmlu_check.png").stat().st_size > 0
 
 
+def by_name(res: dict) -> dict:
+    return {c["cell"]: c for c in res["cells"]}
+
+
 def test_mezo_prompt_smoke(tmp_path) -> None:
     from benchmarks import mezo_prompt
 
     cells = ["lowrank_zo_sgd", "lowrank_backprop"]
-    assert mezo_prompt.main(["--smoke", "--out", str(tmp_path), "--threads", "1", "--cells", *cells]) == 0
+    args = ["--smoke", "--out", str(tmp_path), "--threads", "1", "--prompt", "review", "--n-directions", "2"]
+    assert mezo_prompt.main([*args, "--cells", *cells]) == 0
     out = tmp_path / "smoke"
     res = json.loads((out / "results.json").read_text())
     assert 0.0 <= res["zero_shot"] <= 1.0 and [c["cell"] for c in res["cells"]] == cells
-    by = {c["cell"]: c for c in res["cells"]}
+    assert res["template"] == mezo_prompt.PROMPTS["review"][0] and res["cells"][0]["n_directions"] == 2
+    # a run stopped before writing its results: --collect rebuilds its cell from the training log
+    shutil.copytree(out / "runs" / "lowrank_zo_sgd", tmp_path / "stopped" / "runs" / "lowrank_zo_sgd_again")
+    assert mezo_prompt.main(["--collect", str(out), str(tmp_path / "stopped"), "--out", str(tmp_path / "all")]) == 0
+    merged = json.loads((tmp_path / "all" / "results.json").read_text())
+    again = merged["cells"][-1]
+    assert [c["cell"] for c in merged["cells"]] == [*cells, "lowrank_zo_sgd_again"]
+    assert merged["zero_shot"] == res["zero_shot"] and again["stopped_at"] == 2 and again["n_directions"] == 2
+    assert again["curve"] == res["cells"][0]["curve"]
+    assert again["trainable_params"] == by_name(res)["lowrank_zo_sgd"]["trainable_params"]
+    by = by_name(res)
     # r 8 on SmolLM2's default targets, the same adapter for both engines; only the engine differs
     assert by["lowrank_zo_sgd"]["trainable_params"] == by["lowrank_backprop"]["trainable_params"] > 0
     assert by["lowrank_zo_sgd"]["lr"] == mezo_prompt.CELLS["lowrank_zo_sgd"][-1]
