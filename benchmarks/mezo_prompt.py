@@ -77,7 +77,7 @@ def collect(dirs: list[str]) -> dict[str, Any]:
     """One results dict from earlier runs' ``--out`` folders; a cell without a result is rebuilt from its log."""
     import yaml
 
-    from benchmarks.quality import _curves, _read_log
+    from benchmarks.quality import _curves, _records, _split
 
     res: dict[str, Any] = {}
     for d in map(Path, dirs):
@@ -88,10 +88,11 @@ def collect(dirs: list[str]) -> dict[str, Any]:
             if name in cells:
                 continue
             cfg = yaml.safe_load((log.parent / "config.yaml").read_text())
-            evals, trains = _read_log(log)
+            records = _records(log)
+            evals, trains = _split(records)
             if not evals:  # stopped before its first evaluation: nothing to report
                 continue
-            start = json.loads(log.read_text().splitlines()[0])
+            start = records[0]
             best = max(evals, key=lambda e: e["accuracy"])
             eopts = cfg["engine"]["options"]
             cells[name] = {

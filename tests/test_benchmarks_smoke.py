@@ -221,6 +221,7 @@ def test_mezo_prompt_smoke(tmp_path) -> None:
     out = tmp_path / "smoke"
     res = json.loads((out / "results.json").read_text())
     assert 0.0 <= res["zero_shot"] <= 1.0 and [c["cell"] for c in res["cells"]] == cells
+    by = by_name(res)
     assert res["template"] == mezo_prompt.PROMPTS["review"][0] and res["cells"][0]["n_directions"] == 2
     # a run stopped before writing its results: --collect rebuilds its cell from the training log
     shutil.copytree(out / "runs" / "lowrank_zo_sgd", tmp_path / "stopped" / "runs" / "lowrank_zo_sgd_again")
@@ -230,8 +231,7 @@ def test_mezo_prompt_smoke(tmp_path) -> None:
     assert [c["cell"] for c in merged["cells"]] == [*cells, "lowrank_zo_sgd_again"]
     assert merged["zero_shot"] == res["zero_shot"] and again["stopped_at"] == 2 and again["n_directions"] == 2
     assert again["curve"] == res["cells"][0]["curve"]
-    assert again["trainable_params"] == by_name(res)["lowrank_zo_sgd"]["trainable_params"]
-    by = by_name(res)
+    assert again["trainable_params"] == by["lowrank_zo_sgd"]["trainable_params"]
     # r 8 on SmolLM2's default targets, the same adapter for both engines; only the engine differs
     assert by["lowrank_zo_sgd"]["trainable_params"] == by["lowrank_backprop"]["trainable_params"] > 0
     assert by["lowrank_zo_sgd"]["lr"] == mezo_prompt.CELLS["lowrank_zo_sgd"][-1]

@@ -140,24 +140,13 @@ class Capture:
         seed: int | None,
         rows: Rows | None = None,
     ) -> torch.Tensor:
-        if site.merged == self.name and self._phase != "idle":
-            # The server never runs the adapter: the fitter evaluates its deterministic (eval-mode) map.
-            refuse_stochastic_merge(site.path, ad)
-            return self._record(site, ad, u, h, None, False, rows)
-        return self._record(site, ad, u, h, seed, ad.training, rows)
-
-    def _record(
-        self,
-        site: AdaptedModule,
-        ad: Adapter,
-        u: torch.Tensor,
-        h: torch.Tensor,
-        seed: int | None,
-        training: bool,
-        rows: Rows | None,
-    ) -> torch.Tensor:
         if self._phase == "idle":
             return h
+        training = ad.training
+        if site.merged == self.name:
+            # The server never runs the adapter: the fitter evaluates its deterministic (eval-mode) map.
+            refuse_stochastic_merge(site.path, ad)
+            seed, training = None, False
         if self._phase == "backward":
             raise CotuneError(
                 f"site {site.path!r} ran again during the backward pass (activation checkpointing recomputes "
