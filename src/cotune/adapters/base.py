@@ -124,7 +124,8 @@ class Adapter(nn.Module):
         """``(A, B)`` with ``s·g(u) = s·B A u`` exactly, for a deterministic parallel adapter; else ``None``.
 
         A family that declares this lets the tenant router batch every tenant of that shape at a site into
-        one gathered matmul; the factors are the live parameters (autograd reaches them).
+        one gathered matmul, and a gradient-learning fitter take its gradient in closed form; the factors
+        are the live parameters (autograd reaches them).
         """
         return None
 

@@ -83,6 +83,10 @@ class Fitter:
                 f"output width {d_h} need {(*lead, d_h)}"
             )
         ad.train(msg.training)
+        factors = ad.lowrank_factors() if u.is_floating_point() else None
+        if factors is not None:
+            _lowrank_vjp(ad, *factors, u, delta)
+            return
         try:
             out = AdaptedModule.delta(ad, u, msg.seed)  # s·g(u; w) in fp32, exactly as the site computes it
         except RuntimeError as e:
@@ -139,6 +143,24 @@ class Fitter:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _lowrank_vjp(ad: Adapter, a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, delta: torch.Tensor) -> None:
+    """``J_gᵀ (s·δ)`` for ``s·g(u) = s·B A u`` in closed form, accumulated into ``A.grad`` and ``B.grad``.
+
+    The three products autograd's backward forms (``dB = (sδ)ᵀ(Au)``, ``dA = ((sδ)B)ᵀu``), in its order, so
+    the bits are the same; skipping the re-evaluation of ``B A u`` and the graph saves about a quarter of a
+    small site's fitting time (benchmarks/multitenant).
+    """
+    dt = ad.compute_dtype
+    u2 = u.to(dt).reshape(-1, u.shape[-1])
+    sd = ad.scaling * delta.to(dt).reshape(-1, delta.shape[-1])
+    grads = ((a, ((sd @ b.detach()).T @ u2)), (b, sd.T @ (u2 @ a.detach().T)))
+    for p, g in grads:
+        if p.grad is None:
+            p.grad = g.to(p.dtype)
+        else:
+            p.grad.add_(g)
 
 
 def _device_of(adapters: dict[str, nn.Module]) -> torch.device:
