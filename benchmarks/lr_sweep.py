@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import machine, markdown_table, out_dir, run_isolated, set_offline, write_json
-from benchmarks.quality import METHODS
+from benchmarks.quality import METHODS, method_lr
 
 
 def chosen(cells: list[dict[str, Any]], current: float, margin: float) -> dict[str, Any] | None:
@@ -44,7 +44,7 @@ def report(res: dict[str, Any], out: Path, margin: float) -> str:
     factors = sorted({c["factor"] for c in res["cells"]})
     rows, winners = [], {}
     for method, cells in by.items():
-        cur = METHODS[method][2] if method in METHODS else cells[0]["lr"] / cells[0]["factor"]
+        cur = cells[0]["lr"] / cells[0]["factor"]  # the centre the sweep ran at
         win = chosen(cells, cur, margin)
         winners[method] = None if win is None else win["lr"]
         at = {c["factor"]: c for c in cells}
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
            "machine": machine(), "cells": []}
 
     def one(method: str, factor: float) -> dict[str, Any]:
-        lr = float(f"{METHODS[method][2] * factor:.2g}")
+        lr = float(f"{method_lr(method) * factor:.2g}")
         kw = {"task": a.task, "method": method, "engine": "backprop", "steps": a.steps, "batch": a.batch,
               "max_len": a.max_length, "seed": 0, "out": str(out / "runs" / f"{method}_{lr:g}"),
               "eval_every": max(1, a.steps // 3), "threads": a.threads, "eval_limit": a.eval_rows, "lr": lr}

@@ -18,9 +18,12 @@ task's deterministic seeded carve of the train file (10%). Each cell runs in a f
 cell's state (threads, RNG, memory) cannot leak into the next.
 
 Methods (``METHODS``): lowrank (LoRA r 8, alpha 8, query/value), cola (CoLA r 8, alpha 16, M|N 2|3, all
-linear layers, PiSSA init), hydra (HydraLoRA, r 8, 3 B's), kron (AdaKron r 48) and kron_mix (partial
-MAdaKron, 2 experts), loretta_adp / loretta_rep (LoRETTA TT rank 5, tensorized head), bottleneck (Houlsby,
-64), linear / mlp (ColA's full-rank linear and MLP auxiliary models on query/value), full (every parameter).
+linear layers, PiSSA init), hydra (HydraLoRA, r 8, 3 B's), kron (AdaKron r 48), kron_mix / kron_full (partial /
+full MAdaKron, 2 experts), loretta_adp / loretta_rep (LoRETTA TT rank 5, tensorized head), bottleneck (Houlsby,
+64), pfeiffer (48) and houlsby (24) at the AdaKron seed's budget, linear / mlp (ColA's full-rank linear and MLP
+auxiliary models on query/value), full (every parameter); each at its family's ``default_lr`` (full: 5e-5).
+``--preset adakron`` runs the AdaKron seed's claim (``CLAIMS``: LoRA, Pfeiffer, Houlsby, AdaKron, partial and
+full MAdaKron, full fine-tuning) with backprop on ``--tasks``.
 Classification heads are trained with every method (a ``full`` head, or the method's own tensorized head). Engines: backprop, gl (ColA gradient learning, fitter in a thread, interval
 1; the same trajectory as backprop up to float rounding), zo (MeZO, ZO-SGD, eps 1e-3, one direction; the
 same number of steps — far too few for MeZO, which papers run for 10^4-10^5 steps; stated, not hidden).
@@ -56,20 +59,41 @@ GLUE_TASKS: dict[str, tuple[str, str, str]] = {
     "stsb": ("glue/STS-B", "pearson", "STS-B (Pearson)"),
     "fpb": ("fpb", "accuracy", "FPB (acc)"),
 }
-#: method -> (cotune method name, options, backprop/gl learning rate, optimizer)
-METHODS: dict[str, tuple[str, dict[str, Any], float, str]] = {
-    "lowrank": ("lowrank", {"r": 8, "lora_alpha": 8}, 1e-3, "adamw"),
-    "cola": ("cola", {"r": 8, "lora_alpha": 16, "num_A": 2, "num_B": 3}, 5e-4, "adamw"),
-    "hydra": ("hydra", {"r": 8, "lora_alpha": 16, "num_B": 3}, 1e-3, "adamw"),
-    "kron": ("kron", {"r": 48}, 1e-3, "adamw"),
-    "kron_mix": ("kron", {"r": 48, "mixture": "partial", "num_experts": 2}, 1e-3, "adamw"),
-    "loretta_adp": ("loretta_adp", {}, 5e-4, "adam"),
-    "loretta_rep": ("loretta_rep", {}, 1e-3, "adam"),
-    "bottleneck": ("bottleneck", {"bottleneck_size": 64}, 1e-3, "adamw"),
-    "linear": ("linear", {}, 1e-3, "adamw"),
-    "mlp": ("mlp", {}, 1e-3, "adamw"),
+#: method -> (cotune method name, options, backprop/gl learning rate, optimizer). A rate of None is the method's
+#: ``default_lr`` (its family's benchmarks/lr_sweep winner, what ``cotune train`` uses when ``optim.lr`` is left
+#: out); the grid in docs/RESULTS.md's "Quality" section ran before the sweep, at the rates it states.
+METHODS: dict[str, tuple[str, dict[str, Any], float | None, str]] = {
+    "lowrank": ("lowrank", {"r": 8, "lora_alpha": 8}, None, "adamw"),
+    "cola": ("cola", {"r": 8, "lora_alpha": 16, "num_A": 2, "num_B": 3}, None, "adamw"),
+    "hydra": ("hydra", {"r": 8, "lora_alpha": 16, "num_B": 3}, None, "adamw"),
+    "kron": ("kron", {"r": 48}, None, "adamw"),
+    "kron_mix": ("kron", {"r": 48, "mixture": "partial", "num_experts": 2}, None, "adamw"),
+    "kron_full": ("kron", {"r": 48, "mixture": "full", "num_experts": 2}, None, "adamw"),
+    "loretta_adp": ("loretta_adp", {}, None, "adam"),
+    "loretta_rep": ("loretta_rep", {}, None, "adam"),
+    "bottleneck": ("bottleneck", {"bottleneck_size": 64}, None, "adamw"),
+    # the AdaKron seed's baselines at its parameter budget (0.9 M each on BERT-base): one adapter of 48 per
+    # layer after the feed-forward (Pfeiffer), or two of 24 after attention and feed-forward (Houlsby)
+    "pfeiffer": ("pfeiffer", {"bottleneck_size": 48}, None, "adamw"),
+    "houlsby": ("houlsby", {"bottleneck_size": 24}, None, "adamw"),
+    "linear": ("linear", {}, None, "adamw"),
+    "mlp": ("mlp", {}, None, "adamw"),
     "full": ("full", {"target_modules": "all"}, 5e-5, "adamw"),
 }
+#: Named method lists for ``--preset`` (each seed's claim as its own table).
+CLAIMS: dict[str, list[str]] = {
+    "adakron": ["lowrank", "pfeiffer", "houlsby", "kron", "kron_mix", "kron_full", "full"],
+}
+
+
+def method_lr(method: str) -> float:
+    """The backprop/gl learning rate of ``METHODS[method]``: its own, or its cotune method's ``default_lr``."""
+    from cotune.adapters.methods import default_lr
+
+    name, _, lr, _ = METHODS[method]
+    return default_lr(name) if lr is None else lr
+
+
 ENGINES = ("backprop", "gl", "zo")
 ZO = {"lr": 1e-4, "eps": 1e-3, "full_lr": 1e-6}
 #: Which engines run a method in the full preset (gl needs adapters with a site; full FT trains every weight).
@@ -118,9 +142,9 @@ def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max
     from cotune.training.config import config_from_dict
 
     data, _, _ = GLUE_TASKS[task]
-    name, options, method_lr, opt = METHODS[method]
+    name, options, _, opt = METHODS[method]
     engine_opts: dict[str, Any] = {}
-    optim: dict[str, Any] = {"optimizer": opt, "lr": method_lr if lr is None else lr, "scheduler": "linear",
+    optim: dict[str, Any] = {"optimizer": opt, "lr": method_lr(method) if lr is None else lr, "scheduler": "linear",
                              "warmup_steps": max(1, steps // 10)}
     if engine == "gl":
         engine_opts = {"placement": "thread", "interval": 1}
@@ -294,8 +318,8 @@ def glue_cells(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     if args.preset == "budget" and not (args.tasks or args.methods or args.engines):
         return list(BUDGET)
     tasks = args.tasks.split(",") if args.tasks else list(GLUE_TASKS)
-    methods = args.methods.split(",") if args.methods else list(METHODS)
-    engines = args.engines.split(",") if args.engines else list(ENGINES)
+    methods = args.methods.split(",") if args.methods else CLAIMS.get(args.preset, list(METHODS))
+    engines = args.engines.split(",") if args.engines else ["backprop"] if args.preset in CLAIMS else list(ENGINES)
     return [(t, m, e) for t in tasks for m in methods for e in engines if e in ENGINES_OF[m]]
 
 
@@ -305,8 +329,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="glue: RTE, lowrank x backprop/gl/zo, 2 steps (< 30 s); llm: GSM8K, 2 steps, 2 rows scored")
     p.add_argument("--suite", default="glue", choices=["glue", "llm", "all"])
     p.add_argument("--llm-tasks", default=None, help="comma list of: " + ", ".join(LLM_TASKS))
-    p.add_argument("--preset", default="budget", choices=["budget", "full"],
-                   help="budget: the subset in docs/RESULTS.md; full: every task x method x engine")
+    p.add_argument("--preset", default="budget", choices=["budget", "full", *CLAIMS],
+                   help="budget: the subset in docs/RESULTS.md; full: every task x method x engine; "
+                        "adakron: the AdaKron seed's methods (CLAIMS), backprop, on --tasks")
     p.add_argument("--tasks", default=None, help="comma list of: " + ", ".join(GLUE_TASKS))
     p.add_argument("--methods", default=None, help="comma list of: " + ", ".join(METHODS))
     p.add_argument("--engines", default=None, help="comma list of: " + ", ".join(ENGINES))

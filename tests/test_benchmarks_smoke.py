@@ -109,6 +109,20 @@ def test_quality_rejects_unknown_names(capsys) -> None:
     assert "--merge only works with --report" in capsys.readouterr().out
 
 
+
+def test_quality_methods_train_at_their_family_default_lr_and_the_claim_preset_runs_backprop(tmp_path) -> None:
+    """Every grid method builds a config, at its family's default_lr unless it names its own (full: 5e-5)."""
+    from cotune.adapters.registry import get_family
+
+    for method, (name, _, own, _) in quality.METHODS.items():
+        cfg = quality.glue_config("sst2", method, "backprop", 3, 4, 32, 0, str(tmp_path / method), 1)
+        family = {"pfeiffer": "bottleneck", "houlsby": "bottleneck"}.get(name, name)  # the two placement presets
+        want = own if own is not None else get_family(family).config_cls.default_lr
+        assert cfg.optim.lr == want, method
+    assert quality.method_lr("lowrank") == 3e-3 and quality.method_lr("pfeiffer") == 1e-3
+    cells = quality.glue_cells(quality.parse(["--preset", "adakron", "--tasks", "stsb"]))
+    assert cells == [("stsb", m, "backprop") for m in quality.CLAIMS["adakron"]]
+
 def test_quality_llm_smoke(tmp_path) -> None:
     assert quality.main(["--smoke", "--suite", "llm", "--out", str(tmp_path)]) == 0
     (r,) = json.loads((tmp_path / "smoke" / "results.json").read_text())["results"]
@@ -257,7 +271,7 @@ def test_lr_sweep_smoke(tmp_path) -> None:
     out = tmp_path / "smoke"
     res = json.loads((out / "results.json").read_text())
     (cell,) = res["cells"]
-    assert cell["method"] == "lowrank" and cell["lr"] == quality.METHODS["lowrank"][2] and 0 <= cell["best"] <= 1
+    assert cell["method"] == "lowrank" and cell["lr"] == quality.method_lr("lowrank") and 0 <= cell["best"] <= 1
     assert cell["trainable_params"] > 0 and (out / "lr_sweep.png").stat().st_size > 0
     assert res["chosen"] == {"lowrank": cell["lr"]}
     assert lr_sweep.main(["--methods", "lora"]) == 2 and lr_sweep.main(["--merge", str(tmp_path)]) == 2
