@@ -22,10 +22,12 @@ linear layers, PiSSA init), hydra (HydraLoRA, r 8, 3 B's), kron (AdaKron r 48), 
 full MAdaKron, 2 experts), loretta_adp / loretta_rep (LoRETTA TT rank 5, tensorized head), bottleneck (Houlsby,
 64), pfeiffer (48) and houlsby (24) at the AdaKron seed's budget, linear / mlp (ColA's full-rank linear and MLP
 auxiliary models on query/value), full (every parameter); each at its family's ``default_lr`` (full: 5e-5).
-``--preset adakron`` runs the AdaKron seed's claim (``CLAIMS``: LoRA, Pfeiffer, Houlsby, AdaKron, partial and
-full MAdaKron, full fine-tuning) with backprop on ``--tasks``.
+``--preset adakron|loretta|cola_aux`` runs one seed's claim on ``--tasks`` (``CLAIMS``): LoRA, Pfeiffer, Houlsby,
+AdaKron, partial and full MAdaKron and full fine-tuning; LoRA, bottleneck, LoRETTA adp and rep and full
+fine-tuning; ColA's low-rank, linear and MLP auxiliary models with backprop, gl and gl4 (interval I = 4).
 Classification heads are trained with every method (a ``full`` head, or the method's own tensorized head). Engines: backprop, gl (ColA gradient learning, fitter in a thread, interval
-1; the same trajectory as backprop up to float rounding), zo (MeZO, ZO-SGD, eps 1e-3, one direction; the
+1; the same trajectory as backprop up to float rounding), gl4 (the same with interval I = 4: one update per 4
+micro-batches on their mean, ``--steps`` counting micro-batches), zo (MeZO, ZO-SGD, eps 1e-3, one direction; the
 same number of steps — far too few for MeZO, which papers run for 10^4-10^5 steps; stated, not hidden).
 """
 
@@ -80,9 +82,11 @@ METHODS: dict[str, tuple[str, dict[str, Any], float | None, str]] = {
     "mlp": ("mlp", {}, None, "adamw"),
     "full": ("full", {"target_modules": "all"}, 5e-5, "adamw"),
 }
-#: Named method lists for ``--preset`` (each seed's claim as its own table).
-CLAIMS: dict[str, list[str]] = {
-    "adakron": ["lowrank", "pfeiffer", "houlsby", "kron", "kron_mix", "kron_full", "full"],
+#: ``--preset`` name -> (methods, engines): each seed's claim as its own table.
+CLAIMS: dict[str, tuple[list[str], list[str]]] = {
+    "adakron": (["lowrank", "pfeiffer", "houlsby", "kron", "kron_mix", "kron_full", "full"], ["backprop"]),
+    "loretta": (["lowrank", "bottleneck", "loretta_adp", "loretta_rep", "full"], ["backprop"]),
+    "cola_aux": (["lowrank", "linear", "mlp"], ["backprop", "gl", "gl4"]),
 }
 
 
@@ -94,10 +98,12 @@ def method_lr(method: str) -> float:
     return default_lr(name) if lr is None else lr
 
 
-ENGINES = ("backprop", "gl", "zo")
+ENGINES = ("backprop", "gl", "gl4", "zo")
+#: gradient-learning engines by their update interval I (ColA: one adapter update per I micro-batches, on their mean)
+GL_INTERVAL = {"gl": 1, "gl4": 4}
 ZO = {"lr": 1e-4, "eps": 1e-3, "full_lr": 1e-6}
 #: Which engines run a method in the full preset (gl needs adapters with a site; full FT trains every weight).
-ENGINES_OF = {m: ("backprop", "gl", "zo") for m in METHODS} | {"full": ("backprop", "zo")}
+ENGINES_OF = {m: ENGINES for m in METHODS} | {"full": ("backprop", "zo")}
 #: The budgeted subset actually run for docs/RESULTS.md: (task, method, engine).
 BUDGET = [
     ("sst2", "lowrank", "backprop"), ("sst2", "lowrank", "gl"), ("sst2", "lowrank", "zo"),
@@ -144,10 +150,11 @@ def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max
     data, _, _ = GLUE_TASKS[task]
     name, options, _, opt = METHODS[method]
     engine_opts: dict[str, Any] = {}
+    interval = GL_INTERVAL.get(engine, 1)  # the schedule counts updates: steps / I of them
     optim: dict[str, Any] = {"optimizer": opt, "lr": method_lr(method) if lr is None else lr, "scheduler": "linear",
-                             "warmup_steps": max(1, steps // 10)}
-    if engine == "gl":
-        engine_opts = {"placement": "thread", "interval": 1}
+                             "warmup_steps": max(1, steps // 10 // interval)}
+    if engine in GL_INTERVAL:
+        engine_opts = {"placement": "thread", "interval": interval}
     elif engine == "zo":
         engine_opts = {"eps": ZO["eps"], "zo_optimizer": "sgd"}
         zo_lr = ZO["full_lr"] if method == "full" else ZO["lr"]
@@ -156,7 +163,7 @@ def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max
         "model": "minilm",
         "task": {"kind": "seq_cls", "data": str(DATA / data), "options": {"max_length": max_len, "pooling": pooling}},
         "method": {"name": name, "options": dict(options)},
-        "engine": {"name": engine, "options": engine_opts},
+        "engine": {"name": "gl" if engine in GL_INTERVAL else engine, "options": engine_opts},
         "optim": optim, "seed": seed, "batch_size": batch, "eval_batch_size": 64, "max_steps": steps,
         "train_limit": train_limit, "eval_every": eval_every, "eval_limit": eval_limit, "save_every": 0,
         "keep_checkpoints": 1, "overwrite": True, "progress": False, "output_dir": out,
@@ -318,8 +325,9 @@ def glue_cells(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     if args.preset == "budget" and not (args.tasks or args.methods or args.engines):
         return list(BUDGET)
     tasks = args.tasks.split(",") if args.tasks else list(GLUE_TASKS)
-    methods = args.methods.split(",") if args.methods else CLAIMS.get(args.preset, list(METHODS))
-    engines = args.engines.split(",") if args.engines else ["backprop"] if args.preset in CLAIMS else list(ENGINES)
+    claim_methods, claim_engines = CLAIMS.get(args.preset, (list(METHODS), list(ENGINES)))
+    methods = args.methods.split(",") if args.methods else claim_methods
+    engines = args.engines.split(",") if args.engines else claim_engines
     return [(t, m, e) for t in tasks for m in methods for e in engines if e in ENGINES_OF[m]]
 
 
@@ -331,7 +339,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--llm-tasks", default=None, help="comma list of: " + ", ".join(LLM_TASKS))
     p.add_argument("--preset", default="budget", choices=["budget", "full", *CLAIMS],
                    help="budget: the subset in docs/RESULTS.md; full: every task x method x engine; "
-                        "adakron: the AdaKron seed's methods (CLAIMS), backprop, on --tasks")
+                        "adakron | loretta | cola_aux: one seed's claim (CLAIMS: its methods and engines) on --tasks")
     p.add_argument("--tasks", default=None, help="comma list of: " + ", ".join(GLUE_TASKS))
     p.add_argument("--methods", default=None, help="comma list of: " + ", ".join(METHODS))
     p.add_argument("--engines", default=None, help="comma list of: " + ", ".join(ENGINES))
@@ -395,7 +403,7 @@ def main(argv: list[str]) -> int:
                                           "wall_seconds": time.perf_counter() - started})
 
     if args.suite in ("glue", "all"):
-        cells = [("rte", "lowrank", e) for e in ENGINES] if args.smoke else glue_cells(args)
+        cells = [("rte", "lowrank", e) for e in ("backprop", "gl", "zo")] if args.smoke else glue_cells(args)
 
         def one(cell: tuple[str, str, str]) -> dict[str, Any]:
             task, method, engine = cell

@@ -121,7 +121,9 @@ def test_quality_methods_train_at_their_family_default_lr_and_the_claim_preset_r
         assert cfg.optim.lr == want, method
     assert quality.method_lr("lowrank") == 3e-3 and quality.method_lr("pfeiffer") == 1e-3
     cells = quality.glue_cells(quality.parse(["--preset", "adakron", "--tasks", "stsb"]))
-    assert cells == [("stsb", m, "backprop") for m in quality.CLAIMS["adakron"]]
+    assert cells == [("stsb", m, "backprop") for m in quality.CLAIMS["adakron"][0]]
+    cfg = quality.glue_config("sst2", "mlp", "gl4", 40, 4, 32, 0, str(tmp_path / "gl4"), 1)
+    assert cfg.engine.name == "gl" and cfg.engine.options["interval"] == 4 and cfg.optim.warmup_steps == 1
 
 def test_quality_llm_smoke(tmp_path) -> None:
     assert quality.main(["--smoke", "--suite", "llm", "--out", str(tmp_path)]) == 0
