@@ -2,7 +2,8 @@
 
 ``python -m benchmarks lr_sweep [--methods lowrank,kron,...] [--factors 0.3 1 3] [--steps 150]`` trains every
 method of ``benchmarks.quality.METHODS`` (MiniLM, mean pooling, backprop, the quality suite's optimizer and
-linear schedule with 10% warm-up) on SST-2 at its current rate times each factor, and reports each family's
+linear schedule with 10% warm-up) on SST-2 at its rate (``quality.method_lr``: the family's ``default_lr``
+unless the method names its own) times each factor, and reports each family's
 best dev accuracy per rate and the rate that won. A rate is only replaced when another one beats it by more
 than ``--margin`` points (default 1.0: about the noise of 300 dev rows at 80%), so the table never moves a
 default on noise. Each cell runs in a fresh interpreter (``run_isolated``); ``--jobs 2`` runs two at once.

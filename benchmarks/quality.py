@@ -88,16 +88,6 @@ CLAIMS: dict[str, tuple[list[str], list[str]]] = {
     "loretta": (["lowrank", "bottleneck", "loretta_adp", "loretta_rep", "full"], ["backprop"]),
     "cola_aux": (["lowrank", "linear", "mlp"], ["backprop", "gl", "gl4"]),
 }
-
-
-def method_lr(method: str) -> float:
-    """The backprop/gl learning rate of ``METHODS[method]``: its own, or its cotune method's ``default_lr``."""
-    from cotune.adapters.methods import default_lr
-
-    name, _, lr, _ = METHODS[method]
-    return default_lr(name) if lr is None else lr
-
-
 ENGINES = ("backprop", "gl", "gl4", "zo")
 #: gradient-learning engines by their update interval I (ColA: one adapter update per I micro-batches, on their mean)
 GL_INTERVAL = {"gl": 1, "gl4": 4}
@@ -116,6 +106,14 @@ LLM_TASKS: dict[str, tuple[str, str, int, int]] = {
     "gsm8k": ("gsm8k", "exact_match", 384, 256),
     "alpaca": ("instruct/alpaca_en_demo.json", "rouge_l", 384, 64),
 }
+
+
+def method_lr(method: str) -> float:
+    """The backprop/gl learning rate of ``METHODS[method]``: its own, or its cotune method's ``default_lr``."""
+    from cotune.adapters.methods import default_lr
+
+    name, _, lr, _ = METHODS[method]
+    return default_lr(name) if lr is None else lr
 
 
 # -- one cell (runs inside a fresh subprocess) ------------------------------------------------------------------

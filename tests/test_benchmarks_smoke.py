@@ -109,7 +109,6 @@ def test_quality_rejects_unknown_names(capsys) -> None:
     assert "--merge only works with --report" in capsys.readouterr().out
 
 
-
 def test_quality_methods_train_at_their_family_default_lr_and_the_claim_preset_runs_backprop(tmp_path) -> None:
     """Every grid method builds a config, at its family's default_lr unless it names its own (full: 5e-5)."""
     from cotune.adapters.registry import get_family
@@ -124,6 +123,7 @@ def test_quality_methods_train_at_their_family_default_lr_and_the_claim_preset_r
     assert cells == [("stsb", m, "backprop") for m in quality.CLAIMS["adakron"][0]]
     cfg = quality.glue_config("sst2", "mlp", "gl4", 40, 4, 32, 0, str(tmp_path / "gl4"), 1)
     assert cfg.engine.name == "gl" and cfg.engine.options["interval"] == 4 and cfg.optim.warmup_steps == 1
+
 
 def test_quality_llm_smoke(tmp_path) -> None:
     assert quality.main(["--smoke", "--suite", "llm", "--out", str(tmp_path)]) == 0

@@ -344,7 +344,6 @@ def test_pair_of_wrong_shape_names_the_site(base):
         fitter.add(Pair(path, 0, torch.zeros(2, 5, 384), torch.zeros(2, 4, 384)))
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lowrank_closed_form_equals_autograd_bit_for_bit(base, dtype):
     """The fitter's closed-form low-rank VJP gives autograd's gradient bit for bit, and accumulates."""
@@ -366,6 +365,7 @@ def test_lowrank_closed_form_equals_autograd_bit_for_bit(base, dtype):
         AdaptedModule.delta(reference, u).backward(d)
     for k, p in reference.named_parameters():
         assert p.grad.dtype == dtype and torch.equal(closed[k], p.grad), k
+
 
 # -- a module called twice ----------------------------------------------------------------------------
 class TwiceNet(nn.Module):

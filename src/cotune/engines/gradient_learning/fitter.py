@@ -150,7 +150,7 @@ def _lowrank_vjp(ad: Adapter, a: torch.Tensor, b: torch.Tensor, u: torch.Tensor,
 
     The three products autograd's backward forms (``dB = (sδ)ᵀ(Au)``, ``dA = ((sδ)B)ᵀu``), in its order, so
     the bits are the same; skipping the re-evaluation of ``B A u`` and the graph saves about a quarter of a
-    small site's fitting time (benchmarks/multitenant).
+    small site's fitting time (docs/RESULTS.md, "Many tenants on one base").
     """
     dt = ad.compute_dtype
     u2 = u.to(dt).reshape(-1, u.shape[-1])
