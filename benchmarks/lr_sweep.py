@@ -2,9 +2,9 @@
 
 ``python -m benchmarks lr_sweep [--methods lowrank,kron,...] [--factors 0.3 1 3] [--steps 150]`` trains every
 method of ``benchmarks.quality.METHODS`` (MiniLM, mean pooling, backprop, the quality suite's optimizer and
-linear schedule with 10% warm-up) on SST-2 at its rate (``quality.method_lr``: the family's ``default_lr``
+linear schedule with 10% warm-up) on SST-2 (``--task``) at its rate (``quality.method_lr``: the family's ``default_lr``
 unless the method names its own) times each factor, and reports each family's
-best dev accuracy per rate and the rate that won. A rate is only replaced when another one beats it by more
+best dev score per rate and the rate that won. A rate is only replaced when another one beats it by more
 than ``--margin`` points (default 1.0: about the noise of 300 dev rows at 80%), so the table never moves a
 default on noise. Each cell runs in a fresh interpreter (``run_isolated``); ``--jobs 2`` runs two at once.
 Writes ``runs/bench/lr_sweep/results.json`` after each cell and ``lr_sweep.png``; ``--report`` rebuilds the
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import machine, markdown_table, out_dir, run_isolated, set_offline, write_json
-from benchmarks.quality import METHODS, method_lr
+from benchmarks.quality import GLUE_TASKS, METHODS, method_lr
 
 
 def chosen(cells: list[dict[str, Any]], current: float, margin: float) -> dict[str, Any] | None:
@@ -60,7 +60,7 @@ def report(res: dict[str, Any], out: Path, margin: float) -> str:
         ax.plot([c["lr"] for c in ok], [100 * c["best"] for c in ok], marker="o", label=method)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"best SST-2 dev accuracy % ({res['eval_rows']} rows)")
+    ax.set_ylabel(f"best {GLUE_TASKS[res['task']][2]} on {res['eval_rows']} dev rows")
     ax.set_title(f"Learning-rate sweep, MiniLM, {res['steps']} steps of {res['batch']}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -9,6 +9,7 @@ the Alpaca demo and MMLU), in the style of the AdaKron/LoRETTA result tables.
     python -m benchmarks quality --suite llm --llm-tasks alpaca   # one SmolLM2 data set
     python -m benchmarks quality --jobs 2 ...          # two cells at once (one per core, 1 thread each)
     python -m benchmarks quality --report --merge runs/bench/other   # one table from several output folders
+    python -m benchmarks quality --report --preset cola_aux --tasks stsb --out DIR --merge ...   # one claim's cells
 
 Every cell is one ``cotune.training.train`` run (the same loop as ``cotune train``) with FIXED budgets: seed 0,
 ``--steps`` optimizer steps (default 300) of batch 16, max_length 128, evaluation on the validation split
@@ -358,7 +359,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="only rebuild table.md and the plots from results.json")
     p.add_argument("--merge", nargs="+", default=[], metavar="DIR",
                    help="with --report: also take the cells of these output folders (a later cell replaces an "
-                        "earlier one with the same task, method and engine, e.g. a rerun of a failed cell)")
+                        "earlier one with the same task, method and engine, e.g. a rerun of a failed cell); "
+                        "--preset/--tasks/--methods/--engines then choose which GLUE cells are kept")
     return p.parse_args(argv)
 
 
@@ -389,6 +391,9 @@ def main(argv: list[str]) -> int:
                 if key not in merged or "error" in merged[key]:
                     merged[key] = r
                     print(f"recovered {run.name} from its log")
+        if args.preset != "budget" or args.tasks or args.methods or args.engines:  # one claim's table from many runs
+            wanted = set(glue_cells(args))
+            merged = {k: r for k, r in merged.items() if k[0] != "glue" or k[1:] in wanted}
         if args.merge or any("recovered_from" in r for r in merged.values()):
             write_json(out / "results.json", {"machine": machine(), "merged_from": [str(out), *args.merge],
                                               "results": list(merged.values())})

@@ -100,6 +100,12 @@ def test_quality_smoke(tmp_path) -> None:
     assert back["backprop"]["recovered_from"].endswith("rte_lowrank_backprop/log.jsonl")
     for key in ("best", "best_step", "trainable_params", "curve", "dev_loss", "steps"):
         assert back["backprop"][key] == bp[key], key  # the same numbers, read back from the same log
+    # --engines (or --preset, --methods, --tasks) with --report keeps one claim's cells out of the merged runs
+    assert quality.main(["--report", "--out", str(tmp_path), "--smoke", "--engines", "backprop,zo",
+                         "--merge", str(other)]) == 0
+    kept = json.loads((out / "results.json").read_text())["results"]
+    assert sorted(r["engine"] for r in kept) == ["backprop", "zo"]
+    assert " gl " not in (out / "table.md").read_text()
 
 
 def test_quality_rejects_unknown_names(capsys) -> None:
