@@ -36,6 +36,31 @@ def chosen(cells: list[dict[str, Any]], current: float, margin: float) -> dict[s
     return here if here is not None and best["best"] - here["best"] <= margin / 100 else best
 
 
+def across(sweeps: list[dict[str, Any]]) -> dict[str, float]:
+    """Each family's rate over sweeps on different tasks (each a results.json): a family swept on one task keeps
+    that sweep's ``chosen``; one swept on several takes, among the rates every one of them measured, the rate
+    whose largest shortfall from a sweep's best score is smallest (no task may lose much to another's winner)."""
+    scores: dict[str, list[dict[float, float]]] = {}
+    for s in sweeps:
+        by: dict[str, dict[float, float]] = {}
+        for c in s["cells"]:
+            if "error" not in c and c.get("best") is not None:
+                by.setdefault(c["method"], {})[c["lr"]] = c["best"]
+        for method, at in by.items():
+            scores.setdefault(method, []).append(at)
+    rates: dict[str, float] = {}
+    for method, tables in scores.items():
+        if len(tables) == 1:
+            only = next((s["chosen"][method] for s in sweeps if method in s.get("chosen", {})), None)
+            if only is not None:
+                rates[method] = only
+            continue
+        common = set.intersection(*(set(t) for t in tables))
+        if common:
+            rates[method] = min(sorted(common), key=lambda lr: max(max(t.values()) - t[lr] for t in tables))
+    return rates
+
+
 def report(res: dict[str, Any], out: Path, margin: float) -> str:
     from benchmarks._common import _plt
 
@@ -100,8 +125,12 @@ def main(argv: list[str]) -> int:
     path = out / "results.json"
     if a.report:
         res = json.loads(path.read_text())
+        # factors stay relative to this run's centre, whatever rate another run centred on
+        centre = {c["method"]: c["lr"] / c["factor"] for c in res["cells"]}
         for folder in a.merge:
             for c in json.loads((Path(folder) / "results.json").read_text())["cells"]:
+                if c["method"] in centre:
+                    c = dict(c, factor=float(f"{c['lr'] / centre[c['method']]:.3g}"))
                 res["cells"] = [x for x in res["cells"] if (x["method"], x["lr"]) != (c["method"], c["lr"])] + [c]
         print(report(res, out, a.margin))
         write_json(path, res)

@@ -64,7 +64,7 @@ def build_on(base: nn.Module | None) -> contextlib.AbstractContextManager:
 
 @dataclass
 class LinearConfig(AdapterConfig):
-    default_lr: ClassVar[float] = 0.001  # benchmarks/lr_sweep's choice (docs/RESULTS.md)
+    default_lr: ClassVar[float] = 0.0003  # benchmarks/lr_sweep.across: SST-2 and STS-B (docs/RESULTS.md)
     #: Add a trainable bias ``b`` (merging then needs a base module with a bias).
     bias: bool = False
 

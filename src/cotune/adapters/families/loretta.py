@@ -102,7 +102,7 @@ class LorettaRepConfig(AdapterConfig):
     ``A_full`` (product ``d_in·r``) and also serves ``B_full`` when ``d_in = d_out``; ``tt_shape_b`` sets
     ``B_full``'s (product ``r·d_out``) explicitly."""
 
-    default_lr: ClassVar[float] = 0.001  # benchmarks/lr_sweep's choice (docs/RESULTS.md)
+    default_lr: ClassVar[float] = 0.003  # benchmarks/lr_sweep.across: SST-2 and STS-B (docs/RESULTS.md)
     r: int = 8
     lora_alpha: float = 16.0
     tt_rank: int = 5
