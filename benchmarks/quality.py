@@ -63,7 +63,7 @@ GLUE_TASKS: dict[str, tuple[str, str, str]] = {
     "fpb": ("fpb", "accuracy", "FPB (acc)"),
 }
 #: method -> (cotune method name, options, backprop/gl learning rate, optimizer). A rate of None is the method's
-#: ``default_lr`` (its family's benchmarks/lr_sweep winner, what ``cotune train`` uses when ``optim.lr`` is left
+#: ``default_lr`` (its family's rate from benchmarks/lr_sweep.across, what ``cotune train`` uses when ``optim.lr`` is left
 #: out); the grid in docs/RESULTS.md's "Quality" section ran before the sweep, at the rates it states.
 METHODS: dict[str, tuple[str, dict[str, Any], float | None, str]] = {
     "lowrank": ("lowrank", {"r": 8, "lora_alpha": 8}, None, "adamw"),
