@@ -26,9 +26,9 @@ auxiliary models on query/value), full (every parameter); each at its family's `
 ``--preset adakron|loretta|cola_aux`` runs one seed's claim on ``--tasks`` (``CLAIMS``): LoRA, Pfeiffer, Houlsby,
 AdaKron, partial and full MAdaKron and full fine-tuning; LoRA, bottleneck, LoRETTA adp and rep and full
 fine-tuning; ColA's low-rank, linear and MLP auxiliary models with backprop, gl and gl4 (interval I = 4).
-Classification heads are trained with every method (a ``full`` head, or the method's own tensorized head). Engines: backprop, gl (ColA gradient learning, fitter in a thread, interval
-1; the same trajectory as backprop up to float rounding), gl4 (the same with interval I = 4: one update per 4
-micro-batches on their mean, ``--steps`` counting micro-batches), zo (MeZO, ZO-SGD, eps 1e-3, one direction; the
+Classification heads are trained with every method (a ``full`` head, or the method's own tensorized head).
+Engines: backprop, gl (ColA gradient learning, fitter in a thread, interval 1; the same trajectory as backprop
+up to float rounding), gl4 (the same with interval I = 4: one update per 4 micro-batches on their mean, ``--steps`` counting micro-batches), zo (MeZO, ZO-SGD, eps 1e-3, one direction; the
 same number of steps — far too few for MeZO, which papers run for 10^4-10^5 steps; stated, not hidden).
 """
 
@@ -63,8 +63,8 @@ GLUE_TASKS: dict[str, tuple[str, str, str]] = {
     "fpb": ("fpb", "accuracy", "FPB (acc)"),
 }
 #: method -> (cotune method name, options, backprop/gl learning rate, optimizer). A rate of None is the method's
-#: ``default_lr`` (its family's rate from benchmarks/lr_sweep.across, what ``cotune train`` uses when ``optim.lr`` is left
-#: out); the grid in docs/RESULTS.md's "Quality" section ran before the sweep, at the rates it states.
+#: ``default_lr`` (its family's rate from benchmarks/lr_sweep.across, what ``cotune train`` uses when ``optim.lr``
+#: is left out); the grid in docs/RESULTS.md's "Quality" section ran before the sweep, at the rates it states.
 METHODS: dict[str, tuple[str, dict[str, Any], float | None, str]] = {
     "lowrank": ("lowrank", {"r": 8, "lora_alpha": 8}, None, "adamw"),
     "cola": ("cola", {"r": 8, "lora_alpha": 16, "num_A": 2, "num_B": 3}, None, "adamw"),
