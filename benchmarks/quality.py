@@ -28,8 +28,9 @@ AdaKron, partial and full MAdaKron and full fine-tuning; LoRA, bottleneck, LoRET
 fine-tuning; ColA's low-rank, linear and MLP auxiliary models with backprop, gl and gl4 (interval I = 4).
 Classification heads are trained with every method (a ``full`` head, or the method's own tensorized head).
 Engines: backprop, gl (ColA gradient learning, fitter in a thread, interval 1; the same trajectory as backprop
-up to float rounding), gl4 (the same with interval I = 4: one update per 4 micro-batches on their mean, ``--steps`` counting micro-batches), zo (MeZO, ZO-SGD, eps 1e-3, one direction; the
-same number of steps — far too few for MeZO, which papers run for 10^4-10^5 steps; stated, not hidden).
+up to float rounding), gl4 (the same with interval I = 4: one update per 4 micro-batches on their mean,
+``--steps`` counting micro-batches), zo (MeZO, ZO-SGD, eps 1e-3, one direction; the same number of steps — far
+too few for MeZO, which papers run for 10^4-10^5 steps; stated, not hidden).
 """
 
 from __future__ import annotations
