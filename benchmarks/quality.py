@@ -108,6 +108,20 @@ LLM_TASKS: dict[str, tuple[str, str, int, int]] = {
     "gsm8k": ("gsm8k", "exact_match", 384, 256),
     "alpaca": ("instruct/alpaca_en_demo.json", "rouge_l", 384, 64),
 }
+#: SmolLM2 methods: (cotune method, options), all at ``LLM_LR``. lowrank is LoRA on q/v (the family's default
+#: placement); the CoLA seed's comparison puts LoRA, HydraLoRA and CoLA on every linear layer of the decoder.
+_LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLM_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lowrank": ("lowrank", {"r": 8, "lora_alpha": 16}),
+    "lowrank_all": ("lowrank", {"r": 8, "lora_alpha": 16, "target_modules": _LLAMA_LINEAR}),
+    "hydra": ("hydra", {"r": 8, "lora_alpha": 16, "num_B": 3, "target_modules": _LLAMA_LINEAR}),
+    "cola": ("cola", {"r": 8, "lora_alpha": 16, "num_A": 2, "num_B": 3, "target_modules": _LLAMA_LINEAR}),
+}
+#: One rate for every SmolLM2 method, so that the comparison is of the adapters (the CoLA seed also trains all of
+#: its methods at one rate, 5e-5 for 3-8 B models; 2e-4 is the usual LoRA SFT rate at this size).
+LLM_LR = 2e-4
+#: ``--preset`` name -> SmolLM2 methods (``--suite llm``): CoLA 2|3 against LoRA and HydraLoRA.
+LLM_CLAIMS: dict[str, list[str]] = {"cola": ["lowrank_all", "hydra", "cola"]}
 
 
 def method_lr(method: str) -> float:
@@ -143,7 +157,7 @@ def _curves(evals: list[dict], trains: list[dict], metric: str) -> dict[str, Any
 
 def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max_len: int, seed: int,
                 out: str, eval_every: int, train_limit: int | None = None, eval_limit: int | None = None,
-                pooling: str = "auto", lr: float | None = None) -> Any:
+                pooling: str = "auto", lr: float | None = None, device: str = "cpu") -> Any:
     """The ``TrainConfig`` of one GLUE/FPB cell (``lr``: instead of the method's, e.g. for a sweep)."""
     from cotune.training.config import config_from_dict
 
@@ -166,13 +180,14 @@ def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max
         "engine": {"name": "gl" if engine in GL_INTERVAL else engine, "options": engine_opts},
         "optim": optim, "seed": seed, "batch_size": batch, "eval_batch_size": 64, "max_steps": steps,
         "train_limit": train_limit, "eval_every": eval_every, "eval_limit": eval_limit, "save_every": 0,
-        "keep_checkpoints": 1, "overwrite": True, "progress": False, "output_dir": out,
+        "keep_checkpoints": 1, "overwrite": True, "progress": False, "output_dir": out, "device": device,
     })
 
 
 def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_len: int, seed: int, out: str,
              eval_every: int, threads: int = 1, train_limit: int | None = None,
-             eval_limit: int | None = None, pooling: str = "auto", lr: float | None = None) -> dict[str, Any]:
+             eval_limit: int | None = None, pooling: str = "auto", lr: float | None = None,
+             device: str = "cpu") -> dict[str, Any]:
     """Train one GLUE/FPB cell and return its scores, curve and cost."""
     import torch
 
@@ -181,14 +196,14 @@ def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_le
     set_offline()
     torch.set_num_threads(threads)
     cfg = glue_config(task, method, engine, steps, batch, max_len, seed, out, eval_every, train_limit, eval_limit,
-                      pooling, lr)
+                      pooling, lr, device)
     t0 = time.perf_counter()
     res = train(cfg, verbose=False)
     evals, trains = _read_log(Path(out) / "log.jsonl")
     metric = GLUE_TASKS[task][1]
     return {
         "suite": "glue", "task": task, "method": method, "engine": engine, "metric": metric, "pooling": pooling,
-        "lr": cfg.optim.lr, "best": res.validation.get(metric), "best_step": res.best_step,
+        "lr": cfg.optim.lr, "device": device, "best": res.validation.get(metric), "best_step": res.best_step,
         "validation": res.validation,
         "trainable_params": res.trainable_parameters, "train_seconds": res.train_seconds,
         "seconds": time.perf_counter() - t0, "steps": res.steps, **_curves(evals, trains, metric),
@@ -227,10 +242,13 @@ def cell_from_log(run: Path) -> dict[str, Any] | None:
 
 def run_llm_cell(data: str, steps: int, batch: int, seed: int, out: str, eval_limit: int, mmlu_limit: int,
                  threads: int = 1, engine: str = "backprop", train_limit: int | None = None,
-                 max_length: int | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
-    """SmolLM2 + LoRA (r 8, alpha 16, q/v) on GSM8K or the Alpaca demo; MMLU letter-logit accuracy before/after.
+                 max_length: int | None = None, max_new_tokens: int | None = None, method: str = "lowrank",
+                 device: str = "cpu", before: bool = True, eval_batch: int = 8) -> dict[str, Any]:
+    """SmolLM2 + ``LLM_METHODS[method]`` on GSM8K or the Alpaca demo; MMLU accuracy (cloze and letter) after, and
+    before when ``before`` (the base model: one cell per data set is enough, the base is the same for all).
 
-    ``train_limit``, ``max_length`` and ``max_new_tokens`` (default: ``LLM_TASKS``) only shrink the smoke run."""
+    ``train_limit``, ``max_length`` and ``max_new_tokens`` (default: ``LLM_TASKS``) only shrink the smoke run;
+    ``eval_batch`` is the rows scored or generated at once (a GPU's speed; the loss pass keeps 8)."""
     import torch
 
     from cotune.tasks import make_task
@@ -241,36 +259,43 @@ def run_llm_cell(data: str, steps: int, batch: int, seed: int, out: str, eval_li
     torch.set_num_threads(threads)
     path, metric, max_len, new_tokens = LLM_TASKS[data]
     max_len, new_tokens = max_length or max_len, max_new_tokens or new_tokens
+    name, options = LLM_METHODS[method]
     cfg = config_from_dict({
         "model": "smollm2",
         "task": {"kind": "causal_lm", "data": str(DATA / path),
                  "options": {"max_length": max_len, "max_new_tokens": new_tokens}},
-        "method": {"name": "lowrank", "options": {"r": 8, "lora_alpha": 16}},
+        "method": {"name": name, "options": dict(options)},
         "engine": {"name": engine, "options": {"placement": "thread"} if engine == "gl" else {}},
-        "optim": {"optimizer": "adamw", "lr": 2e-4, "scheduler": "linear", "warmup_steps": max(1, steps // 10)},
-        "seed": seed, "batch_size": batch, "eval_batch_size": 8, "max_steps": steps, "eval_every": 0,
+        "optim": {"optimizer": "adamw", "lr": LLM_LR, "scheduler": "linear", "warmup_steps": max(1, steps // 10)},
+        "seed": seed, "batch_size": batch, "eval_batch_size": eval_batch, "max_steps": steps, "eval_every": 0,
         "train_limit": train_limit, "eval_limit": eval_limit, "save_every": 0, "keep_checkpoints": 1,
-        "overwrite": True, "progress": False, "output_dir": out,
+        "overwrite": True, "progress": False, "output_dir": out, "device": device,
     })
     task = make_task("causal_lm", str(DATA / path), model="smollm2", max_length=max_len, max_new_tokens=new_tokens)
-    mmlu = make_task("multiple_choice", str(DATA / "mmlu"), model="smollm2")
-    mmlu_rows = mmlu.load("validation").rows[:mmlu_limit]
-    # "before": the base model (a zero-initialised LoRA B leaves the function unchanged, so this is step 0)
-    base = task.build_model("smollm2")
-    with torch.no_grad():
-        before = task.evaluate(base, task.load("validation").rows, 8, eval_limit)
-        mmlu_before = mmlu.evaluate(base, mmlu_rows, 8)
-    del base
+    mmlu = {s: make_task("multiple_choice", str(DATA / "mmlu"), model="smollm2", scoring=s) for s in ("cloze", "letter")}
+    mmlu_rows = mmlu["cloze"].load("validation").rows[:mmlu_limit]
+
+    def score_mmlu(model: torch.nn.Module) -> dict[str, float]:
+        return {s: t.evaluate(model, mmlu_rows, eval_batch)["accuracy"] for s, t in mmlu.items()}
+
+    scores: dict[str, Any] = {"before": None, "mmlu_before": None, "mmlu_letter_before": None}
+    if before:  # the base model (every method starts as the identity: zero B, or CoLA's PiSSA split of W)
+        base = task.build_model("smollm2").to(cfg.device_name())
+        with torch.no_grad():
+            scores["before"] = task.evaluate(base, task.load("validation").rows, eval_batch, eval_limit).get(metric)
+            mm = score_mmlu(base)
+        scores |= {"mmlu_before": mm["cloze"], "mmlu_letter_before": mm["letter"]}
+        del base
     tr = Trainer(cfg, verbose=False)
     res = tr.train()
     tr.load_best()
     with torch.no_grad():
-        mmlu_after = mmlu.evaluate(tr.model, mmlu_rows, 8)
+        mm = score_mmlu(tr.model)
     _, trains = _read_log(Path(out) / "log.jsonl")
     return {
-        "suite": "llm", "task": data, "method": "lowrank", "engine": engine, "metric": metric,
-        "before": before.get(metric), "best": res.validation.get(metric), "validation": res.validation,
-        "mmlu_before": mmlu_before.get("accuracy"), "mmlu_after": mmlu_after.get("accuracy"),
+        "suite": "llm", "task": data, "method": method, "engine": engine, "metric": metric, "device": device,
+        **scores, "best": res.validation.get(metric), "validation": res.validation,
+        "mmlu_after": mm["cloze"], "mmlu_letter_after": mm["letter"],
         "mmlu_rows": len(mmlu_rows), "eval_rows": eval_limit, "trainable_params": res.trainable_parameters,
         "train_seconds": res.train_seconds, "steps": res.steps, "loss": [(r["step"], r["loss"]) for r in trains],
         "config": cfg.to_dict(),
@@ -296,11 +321,20 @@ def glue_table(results: list[dict[str, Any]]) -> str:
 
 
 def llm_table(results: list[dict[str, Any]]) -> str:
-    headers = ["data", "engine", "# params (K)", "metric", "before", "after (best dev)", "MMLU acc before",
-               "MMLU acc after", "steps", "train s"]
-    rows = [[r["task"], r["engine"], r["trainable_params"] / 1000, r["metric"], 100 * (r["before"] or 0),
-             100 * (r["best"] or 0), 100 * r["mmlu_before"], 100 * r["mmlu_after"], r["steps"], r["train_seconds"]]
-            for r in results]
+    """Rows: the base model per data set (where a cell scored it), then each method; scores ×100."""
+    headers = ["data", "method", "engine", "# params (K)", "metric", "dev score", "MMLU cloze", "MMLU letter",
+               "steps", "train s", "device"]
+    rows: list[list[Any]] = []
+    for data in dict.fromkeys(r["task"] for r in results):
+        rs = [r for r in results if r["task"] == data]
+        base = next((r for r in rs if r.get("before") is not None), None)
+        pct = lambda x: None if x is None else 100 * x  # noqa: E731
+        if base is not None:
+            rows.append([data, "base model", "", 0, base["metric"], pct(base["before"]), pct(base["mmlu_before"]),
+                         pct(base.get("mmlu_letter_before")), 0, None, base.get("device", "cpu")])
+        rows += [[data, r.get("method", "lowrank"), r["engine"], r["trainable_params"] / 1000, r["metric"],
+                  pct(r["best"]), pct(r["mmlu_after"]), pct(r.get("mmlu_letter_after")), r["steps"],
+                  r["train_seconds"], r.get("device", "cpu")] for r in rs]
     return markdown_table(headers, rows, digits=1)
 
 
@@ -337,9 +371,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="glue: RTE, lowrank x backprop/gl/zo, 2 steps (< 30 s); llm: GSM8K, 2 steps, 2 rows scored")
     p.add_argument("--suite", default="glue", choices=["glue", "llm", "all"])
     p.add_argument("--llm-tasks", default=None, help="comma list of: " + ", ".join(LLM_TASKS))
-    p.add_argument("--preset", default="budget", choices=["budget", "full", *CLAIMS],
+    p.add_argument("--preset", default="budget", choices=["budget", "full", *CLAIMS, *LLM_CLAIMS],
                    help="budget: the subset in docs/RESULTS.md; full: every task x method x engine; "
-                        "adakron | loretta | cola_aux: one seed's claim (CLAIMS: its methods and engines) on --tasks")
+                        "adakron | loretta | cola_aux: one seed's claim (CLAIMS: its methods and engines) on --tasks; "
+                        "cola (--suite llm): LoRA, HydraLoRA and CoLA on SmolLM2 (LLM_CLAIMS)")
     p.add_argument("--tasks", default=None, help="comma list of: " + ", ".join(GLUE_TASKS))
     p.add_argument("--methods", default=None, help="comma list of: " + ", ".join(METHODS))
     p.add_argument("--engines", default=None, help="comma list of: " + ", ".join(ENGINES))
@@ -349,9 +384,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pooling", default="auto", choices=["auto", "model", "mean", "cls", "max"],
                    help="what the GLUE head reads (auto: MiniLM's own mean pooling; model: BERT's pooler)")
+    p.add_argument("--llm-methods", default=None, help="comma list of: " + ", ".join(LLM_METHODS))
     p.add_argument("--llm-steps", type=int, default=100)
+    p.add_argument("--llm-batch-size", type=int, default=4)
     p.add_argument("--llm-eval", type=int, default=40, help="validation rows scored by generation per LLM cell")
     p.add_argument("--mmlu", type=int, default=200, help="MMLU rows (carved validation) scored before/after")
+    p.add_argument("--eval-batch", type=int, default=8, help="LLM rows scored or generated at once (GPU: 128+)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto: where every cell trains and scores")
     p.add_argument("--threads", type=int, default=1, help="torch threads per cell")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (each in its own process)")
     p.add_argument("--cell-timeout", type=float, default=6 * 3600,
@@ -368,7 +407,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     set_offline()
-    for name, valid in (("tasks", GLUE_TASKS), ("methods", METHODS), ("engines", ENGINES), ("llm_tasks", LLM_TASKS)):
+    for name, valid in (("tasks", GLUE_TASKS), ("methods", METHODS), ("engines", ENGINES), ("llm_tasks", LLM_TASKS),
+                        ("llm_methods", LLM_METHODS)):
         bad = [x for x in (getattr(args, name) or "").split(",") if x and x not in valid]
         if bad:
             print(f"unknown {name} {bad}; valid: {', '.join(valid)}")
@@ -416,7 +456,7 @@ def main(argv: list[str]) -> int:
                 "batch": 4 if args.smoke else args.batch_size, "max_len": 32 if args.smoke else args.max_length,
                 "seed": args.seed, "out": str(out / "runs" / f"{task}_{method}_{engine}"),
                 "eval_every": 1 if args.smoke else max(1, args.steps // 3), "threads": args.threads,
-                "pooling": args.pooling,
+                "pooling": args.pooling, "device": args.device,
             }
             if args.smoke:
                 kw.update(train_limit=16, eval_limit=8)
@@ -439,23 +479,30 @@ def main(argv: list[str]) -> int:
                 save()
     if args.suite in ("llm", "all"):
         llm_tasks = args.llm_tasks.split(",") if args.llm_tasks else ["gsm8k"] if args.smoke else list(LLM_TASKS)
+        llm_methods = (args.llm_methods.split(",") if args.llm_methods
+                       else LLM_CLAIMS.get(args.preset, ["lowrank"]))
+        llm_engines = [e for e in (args.engines or "backprop").split(",") if e in ("backprop", "gl")]
         for data in llm_tasks:
-            kw = {"data": data, "steps": args.llm_steps, "batch": 4, "seed": args.seed,
-                  "out": str(out / "runs" / f"smollm2_{data}"), "eval_limit": args.llm_eval, "mmlu_limit": args.mmlu,
-                  "threads": args.threads}
-            if args.smoke:
-                kw.update(steps=2, batch=2, eval_limit=2, mmlu_limit=4, train_limit=8, max_length=96, max_new_tokens=8)
-            try:
-                r = run_isolated("benchmarks.quality:run_llm_cell", kw, timeout=args.cell_timeout)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                print(f"  smollm2 {data} FAILED: {str(e).splitlines()[-1]}", flush=True)
-                results.append({"suite": "llm", "task": data, "error": str(e)[-2000:]})
+            for i, (method, engine) in enumerate((m, e) for m in llm_methods for e in llm_engines):
+                kw = {"data": data, "steps": args.llm_steps, "batch": args.llm_batch_size, "seed": args.seed,
+                      "out": str(out / "runs" / f"smollm2_{data}_{method}_{engine}"), "eval_limit": args.llm_eval,
+                      "mmlu_limit": args.mmlu, "threads": args.threads, "method": method, "engine": engine,
+                      "device": args.device, "before": i == 0, "eval_batch": args.eval_batch}
+                if args.smoke:
+                    kw.update(steps=2, batch=2, eval_limit=2, mmlu_limit=4, train_limit=8, max_length=96,
+                              max_new_tokens=8)
+                try:
+                    r = run_isolated("benchmarks.quality:run_llm_cell", kw, timeout=args.cell_timeout)
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    print(f"  smollm2 {data} {method} {engine} FAILED: {str(e).splitlines()[-1]}", flush=True)
+                    results.append({"suite": "llm", "task": data, "method": method, "engine": engine,
+                                    "error": str(e)[-2000:]})
+                    save()
+                    continue
+                results.append(r)
+                print(f"  smollm2 {data} {method} {engine}: {r['metric']} {r['best']:.4f}; MMLU cloze {r['mmlu_after']:.4f}, "
+                      f"letter {r['mmlu_letter_after']:.4f}  ({r['train_seconds']:.0f} s training)", flush=True)
                 save()
-                continue
-            results.append(r)
-            print(f"  smollm2 {data}: {r['metric']} {r['before']:.4f} -> {r['best']:.4f}; MMLU "
-                  f"{r['mmlu_before']:.4f} -> {r['mmlu_after']:.4f}", flush=True)
-            save()
     report(results, out)
     save()
     failed = [r for r in results if "error" in r]

@@ -139,9 +139,37 @@ def test_quality_llm_smoke(tmp_path) -> None:
     assert r["trainable_params"] == 30 * 8 * ((576 + 576) + (576 + 192))
     assert 0.0 <= r["before"] <= 1.0 and 0.0 <= r["best"] <= 1.0
     assert r["mmlu_rows"] == 4 and 0.0 <= r["mmlu_before"] <= 1.0 and 0.0 <= r["mmlu_after"] <= 1.0
+    assert (r["method"], r["engine"], r["device"]) == ("lowrank", "backprop", "cpu")
+    assert 0.0 <= r["mmlu_letter_before"] <= 1.0 and 0.0 <= r["mmlu_letter_after"] <= 1.0
     assert r["config"]["test"] is False and r["config"]["train_limit"] == 8
     assert "gsm8k" in (tmp_path / "smoke" / "table.md").read_text()
     assert quality.main(["--suite", "llm", "--llm-tasks", "gsm9k"]) == 2
+
+
+def test_quality_llm_claim_methods_have_the_papers_parameter_counts() -> None:
+    """CoLA's claim on SmolLM2 (``--preset cola``): LoRA, HydraLoRA and CoLA 2|3 on the same seven linear layers of
+    every decoder layer, counted by formula: LoRA r(d_in + d_out); HydraLoRA one A, N B's and an N-way router
+    (N d_in); CoLA M A's and N B's."""
+    from cotune.adapters import attach
+    from cotune.adapters.attach import trainable_parameters
+    from cotune.models import load_model
+
+    args = quality.parse(["--suite", "llm", "--preset", "cola"])
+    assert quality.LLM_CLAIMS[args.preset] == ["lowrank_all", "hydra", "cola"]
+    # SmolLM2-135M: hidden 576, grouped-query k/v 192, MLP 1536, 30 layers
+    d_in = {"q_proj": 576, "k_proj": 576, "v_proj": 576, "o_proj": 576, "gate_proj": 576, "up_proj": 576,
+            "down_proj": 1536}
+    d_out = {"q_proj": 576, "k_proj": 192, "v_proj": 192, "o_proj": 576, "gate_proj": 1536, "up_proj": 1536,
+             "down_proj": 576}
+    sin, sout, r, layers = sum(d_in.values()), sum(d_out.values()), 8, 30
+    want = {"lowrank_all": r * (sin + sout), "hydra": r * sin + 3 * r * sout + 3 * sin,
+            "cola": 2 * r * sin + 3 * r * sout}
+    for method in quality.LLM_CLAIMS["cola"]:
+        name, options = quality.LLM_METHODS[method]
+        model = attach(load_model("smollm2", "causal_lm"), name, **options)
+        got = sum(p.numel() for p in trainable_parameters(model).values())
+        assert got == layers * want[method], method
+    assert quality.main(["--suite", "llm", "--llm-methods", "lora"]) == 2
 
 
 def test_quality_keeps_finished_cells_when_one_times_out(tmp_path, monkeypatch) -> None:
