@@ -7,6 +7,8 @@ the Alpaca demo and MMLU), in the style of the AdaKron/LoRETTA result tables.
     python -m benchmarks quality --smoke               # RTE, lowrank x 3 engines, 2 steps (< 30 s)
     python -m benchmarks quality --smoke --suite llm   # SmolLM2 on GSM8K, 2 steps, 2 rows generated, 4 MMLU rows
     python -m benchmarks quality --suite llm --llm-tasks alpaca   # one SmolLM2 data set
+    python -m benchmarks quality --suite llm --preset cola --device cuda --llm-steps 300 --llm-batch-size 16 \
+        --llm-eval 747 --mmlu 1404 --eval-batch 128   # CoLA's claim on SmolLM2 (LoRA, HydraLoRA, CoLA 2|3), a GPU
     python -m benchmarks quality --jobs 2 ...          # two cells at once (one per core, 1 thread each)
     python -m benchmarks quality --report --merge runs/bench/other   # one table from several output folders
     python -m benchmarks quality --report --preset cola_aux --tasks stsb --out DIR --merge ...   # one claim's cells
@@ -27,6 +29,10 @@ auxiliary models on query/value), full (every parameter); each at its family's `
 AdaKron, partial and full MAdaKron and full fine-tuning; LoRA, bottleneck, LoRETTA adp and rep and full
 fine-tuning; ColA's low-rank, linear and MLP auxiliary models with backprop, gl and gl4 (interval I = 4).
 Classification heads are trained with every method (a ``full`` head, or the method's own tensorized head).
+SmolLM2 cells (``--suite llm``): ``LLM_METHODS`` at one rate (``LLM_LR``), trained on GSM8K or the Alpaca demo and
+scored on the carved dev rows (GSM8K exact match by greedy generation, Alpaca ROUGE-L) and on MMLU's carved rows in
+both scorings (cloze and letter), after training and, in each data set's first cell, before it. ``--device cuda``
+runs every cell on a GPU.
 Engines: backprop, gl (ColA gradient learning, fitter in a thread, interval 1; the same trajectory as backprop
 up to float rounding), gl4 (the same with interval I = 4: one update per 4 micro-batches on their mean,
 ``--steps`` counting micro-batches), zo (MeZO, ZO-SGD, eps 1e-3, one direction; the same number of steps — far
@@ -272,7 +278,8 @@ def run_llm_cell(data: str, steps: int, batch: int, seed: int, out: str, eval_li
         "overwrite": True, "progress": False, "output_dir": out, "device": device,
     })
     task = make_task("causal_lm", str(DATA / path), model="smollm2", max_length=max_len, max_new_tokens=new_tokens)
-    mmlu = {s: make_task("multiple_choice", str(DATA / "mmlu"), model="smollm2", scoring=s) for s in ("cloze", "letter")}
+    mmlu = {s: make_task("multiple_choice", str(DATA / "mmlu"), model="smollm2", scoring=s)
+            for s in ("cloze", "letter")}
     mmlu_rows = mmlu["cloze"].load("validation").rows[:mmlu_limit]
 
     def score_mmlu(model: torch.nn.Module) -> dict[str, float]:
@@ -500,8 +507,9 @@ def main(argv: list[str]) -> int:
                     save()
                     continue
                 results.append(r)
-                print(f"  smollm2 {data} {method} {engine}: {r['metric']} {r['best']:.4f}; MMLU cloze {r['mmlu_after']:.4f}, "
-                      f"letter {r['mmlu_letter_after']:.4f}  ({r['train_seconds']:.0f} s training)", flush=True)
+                print(f"  smollm2 {data} {method} {engine}: {r['metric']} {r['best']:.4f}; "
+                      f"MMLU cloze {r['mmlu_after']:.4f}, letter {r['mmlu_letter_after']:.4f}  "
+                      f"({r['train_seconds']:.0f} s training)", flush=True)
                 save()
     report(results, out)
     save()
