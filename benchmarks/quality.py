@@ -59,6 +59,7 @@ from benchmarks._common import (
     set_offline,
     write_json,
 )
+from cotune.adapters.families.cola import COLA_DEFAULT_TARGETS
 
 #: task -> (data folder under the shared data root, primary metric key, table column)
 GLUE_TASKS: dict[str, tuple[str, str, str]] = {
@@ -115,13 +116,13 @@ LLM_TASKS: dict[str, tuple[str, str, int, int]] = {
     "alpaca": ("instruct/alpaca_en_demo.json", "rouge_l", 384, 64),
 }
 #: SmolLM2 methods: (cotune method, options), all at ``LLM_LR``. lowrank is LoRA on q/v (the family's default
-#: placement); the CoLA seed's comparison puts LoRA, HydraLoRA and CoLA on every linear layer of the decoder.
-_LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: placement); the CoLA seed's comparison puts LoRA, HydraLoRA and CoLA on every linear layer of the decoder, which
+#: is HydraLoRA's and CoLA's own default placement, so lowrank_all takes that placement.
 LLM_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "lowrank": ("lowrank", {"r": 8, "lora_alpha": 16}),
-    "lowrank_all": ("lowrank", {"r": 8, "lora_alpha": 16, "target_modules": _LLAMA_LINEAR}),
-    "hydra": ("hydra", {"r": 8, "lora_alpha": 16, "num_B": 3, "target_modules": _LLAMA_LINEAR}),
-    "cola": ("cola", {"r": 8, "lora_alpha": 16, "num_A": 2, "num_B": 3, "target_modules": _LLAMA_LINEAR}),
+    "lowrank_all": ("lowrank", {"r": 8, "lora_alpha": 16, "target_modules": COLA_DEFAULT_TARGETS["llama"]}),
+    "hydra": ("hydra", {"r": 8, "lora_alpha": 16, "num_B": 3}),
+    "cola": ("cola", {"r": 8, "lora_alpha": 16, "num_A": 2, "num_B": 3}),
 }
 #: One rate for every SmolLM2 method, so that the comparison is of the adapters (the CoLA seed also trains all of
 #: its methods at one rate, 5e-5 for 3-8 B models; 2e-4 is the usual LoRA SFT rate at this size).
@@ -332,10 +333,13 @@ def llm_table(results: list[dict[str, Any]]) -> str:
     headers = ["data", "method", "engine", "# params (K)", "metric", "dev score", "MMLU cloze", "MMLU letter",
                "steps", "train s", "device"]
     rows: list[list[Any]] = []
+
+    def pct(x: float | None) -> float | None:
+        return None if x is None else 100 * x
+
     for data in dict.fromkeys(r["task"] for r in results):
         rs = [r for r in results if r["task"] == data]
         base = next((r for r in rs if r.get("before") is not None), None)
-        pct = lambda x: None if x is None else 100 * x  # noqa: E731
         if base is not None:
             rows.append([data, "base model", "", 0, base["metric"], pct(base["before"]), pct(base["mmlu_before"]),
                          pct(base.get("mmlu_letter_before")), 0, None, base.get("device", "cpu")])
