@@ -101,6 +101,8 @@ ENGINES = ("backprop", "gl", "gl4", "zo")
 #: gradient-learning engines by their update interval I (ColA: one adapter update per I micro-batches, on their mean)
 GL_INTERVAL = {"gl": 1, "gl4": 4}
 ZO = {"lr": 1e-4, "eps": 1e-3, "full_lr": 1e-6}
+#: Engines a SmolLM2 cell trains with (MeZO on SmolLM2 is benchmarks/mezo_prompt; gl4 is a GLUE-cell variant).
+LLM_ENGINES = ("backprop", "gl")
 #: Which engines run a method in the full preset (gl needs adapters with a site; full FT trains every weight).
 ENGINES_OF = {m: ENGINES for m in METHODS} | {"full": ("backprop", "zo")}
 #: The budgeted subset actually run for docs/RESULTS.md: (task, method, engine).
@@ -424,6 +426,13 @@ def main(argv: list[str]) -> int:
         if bad:
             print(f"unknown {name} {bad}; valid: {', '.join(valid)}")
             return 2
+    off = [e for e in (args.engines or "").split(",") if e and e not in LLM_ENGINES]
+    if args.suite == "llm" and off:  # an llm run that would silently train nothing
+        print(f"--suite llm trains with {' or '.join(LLM_ENGINES)}, not {off} (MeZO on SmolLM2: "
+              "python -m benchmarks mezo_prompt)")
+        return 2
+    if args.suite == "all" and off:
+        print(f"the SmolLM2 cells skip engines {off} (they train with {' or '.join(LLM_ENGINES)})")
     if args.merge and not args.report:  # merging only rebuilds tables; it must not silently start a new run
         print("--merge only works with --report (it merges existing results.json files)")
         return 2
@@ -492,7 +501,7 @@ def main(argv: list[str]) -> int:
         llm_tasks = args.llm_tasks.split(",") if args.llm_tasks else ["gsm8k"] if args.smoke else list(LLM_TASKS)
         llm_methods = (args.llm_methods.split(",") if args.llm_methods
                        else LLM_CLAIMS.get(args.preset, ["lowrank"]))
-        llm_engines = [e for e in (args.engines or "backprop").split(",") if e in ("backprop", "gl")]
+        llm_engines = [e for e in (args.engines or "backprop").split(",") if e in LLM_ENGINES]
         for data in llm_tasks:
             for i, (method, engine) in enumerate((m, e) for m in llm_methods for e in llm_engines):
                 kw = {"data": data, "steps": args.llm_steps, "batch": args.llm_batch_size, "seed": args.seed,

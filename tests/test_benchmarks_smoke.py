@@ -146,6 +146,14 @@ def test_quality_llm_smoke(tmp_path) -> None:
     assert quality.main(["--suite", "llm", "--llm-tasks", "gsm9k"]) == 2
 
 
+def test_quality_llm_rejects_engines_it_cannot_train_with(tmp_path, capsys, monkeypatch) -> None:
+    """An llm run with only --engines zo used to train no cell and say nothing."""
+    monkeypatch.setattr(quality, "run_isolated", lambda *a, **k: pytest.fail("no cell may start"))
+    assert quality.main(["--suite", "llm", "--engines", "zo", "--out", str(tmp_path)]) == 2
+    assert "--suite llm trains with backprop or gl, not ['zo']" in capsys.readouterr().out
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_quality_llm_claim_methods_have_the_papers_parameter_counts() -> None:
     """CoLA's claim on SmolLM2 (``--preset cola``): LoRA, HydraLoRA and CoLA 2|3 on the same seven linear layers of
     every decoder layer, counted by formula: LoRA r(d_in + d_out); HydraLoRA one A, N B's and an N-way router
