@@ -8,7 +8,8 @@ best dev score per rate and the rate that won. A rate is only replaced when anot
 than ``--margin`` points (default 1.0: about the noise of 300 dev rows at 80%), so the table never moves a
 default on noise. Each cell runs in a fresh interpreter (``run_isolated``); ``--jobs 2`` runs two at once.
 Writes ``runs/bench/lr_sweep/results.json`` after each cell and ``lr_sweep.png``; ``--report`` rebuilds the
-table and plot, ``--merge DIR...`` (with ``--report``) takes the cells of other runs too.
+table and plot, ``--merge DIR...`` (with ``--report``) takes the cells of other runs too (another sweep's, or a
+``benchmarks quality`` run's backprop cells of the same task, steps and batch).
 ``--smoke``: lowrank at its own rate, 2 steps.
 """
 
@@ -59,6 +60,19 @@ def across(sweeps: list[dict[str, Any]]) -> dict[str, float]:
         if common:
             rates[method] = min(sorted(common), key=lambda lr: max(max(t.values()) - t[lr] for t in tables))
     return rates
+
+
+def merged_cells(saved: dict[str, Any], res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cells another run adds to the sweep ``res``: a sweep's own, or a quality run's backprop cells of the
+    same task, budget and families (a converged cell at the default rate is that rate's point of the sweep)."""
+    if "cells" in saved:
+        return saved["cells"]
+    swept = {c["method"] for c in res["cells"]}
+    keep = ("best", "best_step", "final", "curve", "trainable_params", "train_seconds", "seconds")
+    return [{"method": r["method"], "factor": 1.0, "lr": r["lr"], **{k: r[k] for k in keep}}
+            for r in saved["results"] if r.get("suite") == "glue" and r.get("engine") == "backprop" and r["method"] in swept
+            and "error" not in r and r["task"] == res["task"] and r["steps"] == res["steps"]
+            and r["config"]["batch_size"] == res["batch"]]
 
 
 def report(res: dict[str, Any], out: Path, margin: float) -> str:
@@ -126,9 +140,9 @@ def main(argv: list[str]) -> int:
     if a.report:
         res = json.loads(path.read_text())
         # factors stay relative to this run's centre, whatever rate another run centred on
-        centre = {c["method"]: c["lr"] / c["factor"] for c in res["cells"]}
+        centre = {c["method"]: float(f"{c['lr'] / c['factor']:.2g}") for c in res["cells"]}
         for folder in a.merge:
-            for c in json.loads((Path(folder) / "results.json").read_text())["cells"]:
+            for c in merged_cells(json.loads((Path(folder) / "results.json").read_text()), res):
                 if c["method"] in centre:
                     c = dict(c, factor=float(f"{c['lr'] / centre[c['method']]:.3g}"))
                 res["cells"] = [x for x in res["cells"] if (x["method"], x["lr"]) != (c["method"], c["lr"])] + [c]

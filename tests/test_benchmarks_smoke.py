@@ -124,7 +124,7 @@ def test_quality_methods_train_at_their_family_default_lr_and_the_claim_preset_r
         family = {"pfeiffer": "bottleneck", "houlsby": "bottleneck"}.get(name, name)  # the two placement presets
         want = own if own is not None else get_family(family).config_cls.default_lr
         assert cfg.optim.lr == want, method
-    assert quality.method_lr("lowrank") == 3e-3 and quality.method_lr("pfeiffer") == 1e-3
+    assert quality.method_lr("lowrank") == 1e-3 and quality.method_lr("pfeiffer") == 1e-3
     cells = quality.glue_cells(quality.parse(["--preset", "adakron", "--tasks", "stsb"]))
     assert cells == [("stsb", m, "backprop") for m in quality.CLAIMS["adakron"][0]]
     cfg = quality.glue_config("sst2", "mlp", "gl4", 40, 4, 32, 0, str(tmp_path / "gl4"), 1)
@@ -323,6 +323,24 @@ def test_lr_sweep_across_tasks_takes_the_rate_no_task_loses_much_with() -> None:
     # linear: 3e-4 loses 2 points on SST-2, 1e-3 loses 52 on STS-B; lowrank: swept once, that sweep's choice
     assert across([sst2, stsb]) == {"kron": 3e-3, "linear": 3e-4, "lowrank": 3e-3}
     assert across([sst2]) == sst2["chosen"]
+
+
+def test_lr_sweep_takes_a_quality_runs_cells_of_the_same_task_budget_and_families() -> None:
+    from benchmarks.lr_sweep import merged_cells
+
+    sweep = {"task": "cola", "steps": 1600, "batch": 16, "cells": [{"method": "lowrank", "lr": 1e-3, "factor": 1 / 3}]}
+
+    def cell(task="cola", method="lowrank", engine="backprop", steps=1600, batch=16, **extra):
+        return {"suite": "glue", "task": task, "method": method, "engine": engine, "steps": steps, "lr": 3e-3,
+                "config": {"batch_size": batch}, "best": 0.084, "best_step": 1600, "final": 0.084, "curve": [],
+                "trainable_params": 74_498, "train_seconds": 1.0, "seconds": 2.0, **extra}
+
+    others = [cell(task="rte"), cell(method="full"), cell(engine="gl"), cell(steps=300), cell(batch=32),
+              cell(error="boom")]
+    (got,) = merged_cells({"results": [cell(), *others]}, sweep)
+    assert got == {"method": "lowrank", "factor": 1.0, "lr": 3e-3, "best": 0.084, "best_step": 1600, "final": 0.084,
+                   "curve": [], "trainable_params": 74_498, "train_seconds": 1.0, "seconds": 2.0}
+    assert merged_cells({"cells": sweep["cells"]}, sweep) == sweep["cells"]  # another sweep's cells as they are
 
 
 def test_lr_sweep_smoke(tmp_path) -> None:
