@@ -70,8 +70,8 @@ def merged_cells(saved: dict[str, Any], res: dict[str, Any]) -> list[dict[str, A
     swept = {c["method"] for c in res["cells"]}
     keep = ("best", "best_step", "final", "curve", "trainable_params", "train_seconds", "seconds")
     return [{"method": r["method"], "factor": 1.0, "lr": r["lr"], **{k: r[k] for k in keep}}
-            for r in saved["results"] if r.get("suite") == "glue" and r.get("engine") == "backprop" and r["method"] in swept
-            and "error" not in r and r["task"] == res["task"] and r["steps"] == res["steps"]
+            for r in saved["results"] if r.get("suite") == "glue" and r.get("engine") == "backprop" and "error" not in r
+            and r["method"] in swept and r["task"] == res["task"] and r["steps"] == res["steps"]
             and r["config"]["batch_size"] == res["batch"]]
 
 
