@@ -81,13 +81,16 @@ def report(res: dict[str, Any], out: Path, margin: float) -> str:
     by: dict[str, list[dict[str, Any]]] = {}
     for c in res["cells"]:
         by.setdefault(c["method"], []).append(c)
-    factors = sorted({c["factor"] for c in res["cells"]})
+    def column(factor: float) -> float:  # 0.333 and 0.3333 (centres written by hand) share a column
+        return float(f"{factor:.2g}")
+
+    factors = sorted({column(c["factor"]) for c in res["cells"]})
     rows, winners = [], {}
     for method, cells in by.items():
         cur = cells[0]["lr"] / cells[0]["factor"]  # the centre the sweep ran at
         win = chosen(cells, cur, margin)
         winners[method] = None if win is None else win["lr"]
-        at = {c["factor"]: c for c in cells}
+        at = {column(c["factor"]): c for c in cells}
         rows.append([method, f"{cur:.1e}", *[
             "—" if f not in at else "failed" if "error" in at[f] else f"{100 * at[f]['best']:.1f}" for f in factors],
             "—" if win is None else f"{win['lr']:.1e}"])
