@@ -62,6 +62,11 @@ def across(sweeps: list[dict[str, Any]]) -> dict[str, float]:
     return rates
 
 
+def centre(cell: dict[str, Any]) -> float:
+    """The rate a cell's sweep was centred on (its factor was typed or stored rounded: 0.333, 0.3333)."""
+    return float(f"{cell['lr'] / cell['factor']:.2g}")
+
+
 def merged_cells(saved: dict[str, Any], res: dict[str, Any]) -> list[dict[str, Any]]:
     """The cells another run adds to the sweep ``res``: a sweep's own, or a quality run's backprop cells of the
     same task, budget and families (a converged cell at the default rate is that rate's point of the sweep)."""
@@ -81,13 +86,14 @@ def report(res: dict[str, Any], out: Path, margin: float) -> str:
     by: dict[str, list[dict[str, Any]]] = {}
     for c in res["cells"]:
         by.setdefault(c["method"], []).append(c)
-    def column(factor: float) -> float:  # 0.333 and 0.3333 (centres written by hand) share a column
+
+    def column(factor: float) -> float:  # 0.333 and 0.3333 (factors typed by hand) share a column
         return float(f"{factor:.2g}")
 
     factors = sorted({column(c["factor"]) for c in res["cells"]})
     rows, winners = [], {}
     for method, cells in by.items():
-        cur = cells[0]["lr"] / cells[0]["factor"]  # the centre the sweep ran at
+        cur = centre(cells[0])
         win = chosen(cells, cur, margin)
         winners[method] = None if win is None else win["lr"]
         at = {column(c["factor"]): c for c in cells}
@@ -143,11 +149,11 @@ def main(argv: list[str]) -> int:
     if a.report:
         res = json.loads(path.read_text())
         # factors stay relative to this run's centre, whatever rate another run centred on
-        centre = {c["method"]: float(f"{c['lr'] / c['factor']:.2g}") for c in res["cells"]}
+        centres = {c["method"]: centre(c) for c in res["cells"]}
         for folder in a.merge:
             for c in merged_cells(json.loads((Path(folder) / "results.json").read_text()), res):
-                if c["method"] in centre:
-                    c = dict(c, factor=float(f"{c['lr'] / centre[c['method']]:.3g}"))
+                if c["method"] in centres:
+                    c = dict(c, factor=float(f"{c['lr'] / centres[c['method']]:.3g}"))
                 res["cells"] = [x for x in res["cells"] if (x["method"], x["lr"]) != (c["method"], c["lr"])] + [c]
         print(report(res, out, a.margin))
         write_json(path, res)
