@@ -39,23 +39,31 @@ def chosen(cells: list[dict[str, Any]], current: float, margin: float) -> dict[s
 
 def across(sweeps: list[dict[str, Any]]) -> dict[str, float]:
     """Each family's rate over sweeps on different tasks (each a results.json): a family swept on one task keeps
-    that sweep's ``chosen``; one swept on several takes, among the rates every one of them measured, the rate
-    whose largest shortfall from a sweep's best score is smallest (no task may lose much to another's winner)."""
-    scores: dict[str, list[dict[float, float]]] = {}
+    that sweep's ``chosen``; one swept on several takes, among the rates every task measured, the rate whose
+    largest shortfall from a task's best score is smallest (no task may lose much to another's winner). A task
+    swept at several budgets speaks through its longest: a short run measures how soon a rate leaves the
+    constant prediction, which the longer run of the same task includes, and it must not outvote it."""
+    longest: dict[tuple[str, str], tuple[int, dict[float, float], dict[str, Any]]] = {}
     for s in sweeps:
         by: dict[str, dict[float, float]] = {}
         for c in s["cells"]:
             if "error" not in c and c.get("best") is not None:
                 by.setdefault(c["method"], {})[c["lr"]] = c["best"]
         for method, at in by.items():
-            scores.setdefault(method, []).append(at)
+            key, steps = (method, s["task"]), s.get("steps", 0)
+            if key not in longest or steps > longest[key][0]:
+                longest[key] = (steps, at, s)
+    scores: dict[str, list[tuple[dict[float, float], dict[str, Any]]]] = {}
+    for (method, _), (_, at, s) in longest.items():
+        scores.setdefault(method, []).append((at, s))
     rates: dict[str, float] = {}
-    for method, tables in scores.items():
-        if len(tables) == 1:
-            only = next((s["chosen"][method] for s in sweeps if method in s.get("chosen", {})), None)
+    for method, swept in scores.items():
+        if len(swept) == 1:
+            only = swept[0][1].get("chosen", {}).get(method)
             if only is not None:
                 rates[method] = only
             continue
+        tables = [at for at, _ in swept]
         common = set.intersection(*(set(t) for t in tables))
         if common:
             rates[method] = min(sorted(common), key=lambda lr: max(max(t.values()) - t[lr] for t in tables))

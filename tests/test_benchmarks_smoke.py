@@ -323,6 +323,16 @@ def test_lr_sweep_across_tasks_takes_the_rate_no_task_loses_much_with() -> None:
     # linear: 3e-4 loses 2 points on SST-2, 1e-3 loses 52 on STS-B; lowrank: swept once, that sweep's choice
     assert across([sst2, stsb]) == {"kron": 3e-3, "linear": 3e-4, "lowrank": 3e-3}
     assert across([sst2]) == sst2["chosen"]
+    # STS-B again at three times the budget: 1e-3 only started late. The longer run speaks for STS-B (the short
+    # one would still make 1e-3 lose 59 points), so 1e-3's largest loss is 2 points (STS-B), 3e-3's 3 (CoLA).
+    stsb_long = dict(sweep("stsb", {"kron": {1e-3: 0.84, 3e-3: 0.86}}, {"kron": 3e-3}), steps=720)
+    stsb["steps"] = 240
+    cola = sweep("cola", {"kron": {1e-3: 0.17, 3e-3: 0.14}}, {"kron": 1e-3})
+    assert across([sst2, stsb, cola])["kron"] == 3e-3
+    assert across([sst2, stsb, stsb_long, cola])["kron"] == across([stsb_long, sst2, cola, stsb])["kron"] == 1e-3
+    # a family swept on one task at two budgets keeps the longer sweep's choice
+    assert across([stsb, stsb_long])["kron"] == across([stsb_long, stsb])["kron"] == 3e-3
+    assert across([stsb, dict(stsb_long, chosen={"kron": 1e-3})])["kron"] == 1e-3
 
 
 def test_lr_sweep_takes_a_quality_runs_cells_of_the_same_task_budget_and_families() -> None:
