@@ -88,6 +88,16 @@ def merged_cells(saved: dict[str, Any], res: dict[str, Any]) -> list[dict[str, A
             and r["config"]["batch_size"] == res["batch"]]
 
 
+def merge(res: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Adds another run's cells (``merged_cells``) to the sweep ``res``, replacing a family's cell at the same
+    rate. Factors stay relative to the rate the family's sweep was centred on: the sweep's own, or, for a family
+    the sweep did not have, the first merged cell's (so that a later quality cell does not land in its column)."""
+    centres = {c["method"]: centre(c) for c in res["cells"]}
+    for c in merged_cells(saved, res):
+        c = dict(c, factor=float(f"{c['lr'] / centres.setdefault(c['method'], centre(c)):.3g}"))
+        res["cells"] = [x for x in res["cells"] if (x["method"], x["lr"]) != (c["method"], c["lr"])] + [c]
+
+
 def report(res: dict[str, Any], out: Path, margin: float) -> str:
     from benchmarks._common import _plt
 
@@ -156,13 +166,8 @@ def main(argv: list[str]) -> int:
     path = out / "results.json"
     if a.report:
         res = json.loads(path.read_text())
-        # factors stay relative to this run's centre, whatever rate another run centred on
-        centres = {c["method"]: centre(c) for c in res["cells"]}
         for folder in a.merge:
-            for c in merged_cells(json.loads((Path(folder) / "results.json").read_text()), res):
-                if c["method"] in centres:
-                    c = dict(c, factor=float(f"{c['lr'] / centres[c['method']]:.3g}"))
-                res["cells"] = [x for x in res["cells"] if (x["method"], x["lr"]) != (c["method"], c["lr"])] + [c]
+            merge(res, json.loads((Path(folder) / "results.json").read_text()))
         print(report(res, out, a.margin))
         write_json(path, res)
         return 0

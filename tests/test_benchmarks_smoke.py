@@ -353,6 +353,21 @@ def test_lr_sweep_takes_a_quality_runs_cells_of_the_same_task_budget_and_familie
     assert merged_cells({"cells": sweep["cells"]}, sweep) == sweep["cells"]  # another sweep's cells as they are
 
 
+def test_lr_sweep_merge_keeps_each_familys_factors_relative_to_its_own_centre() -> None:
+    from benchmarks.lr_sweep import merge
+
+    res = {"task": "mrpc", "steps": 690, "batch": 16, "cells": [{"method": "lowrank", "lr": 1e-3, "factor": 1.0}]}
+    quality = {"results": [{"suite": "glue", "engine": "backprop", "task": "mrpc", "steps": 690, "lr": lr,
+                            "method": m, "config": {"batch_size": 16}, "best": 0.8, "best_step": 690, "final": 0.8,
+                            "curve": [], "trainable_params": 1, "train_seconds": 1.0, "seconds": 1.0}
+                           for m, lr in (("lowrank", 3e-3), ("kron", 3e-3))]}
+    merge(res, quality)  # kron is not in the sweep yet: its quality cell stays out
+    merge(res, {"cells": [{"method": "kron", "lr": 1e-3, "factor": 1.0, "best": 0.79}]})  # a kron sweep centred on 1e-3
+    merge(res, quality)  # now kron's 3e-3 joins, three times kron's centre, not at factor 1 beside its 1e-3 cell
+    assert sorted((c["method"], c["lr"], c["factor"]) for c in res["cells"]) == [
+        ("kron", 1e-3, 1.0), ("kron", 3e-3, 3.0), ("lowrank", 1e-3, 1.0), ("lowrank", 3e-3, 3.0)]
+
+
 def test_lr_sweep_smoke(tmp_path) -> None:
     from benchmarks import lr_sweep
 
