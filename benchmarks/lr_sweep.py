@@ -43,27 +43,26 @@ def across(sweeps: list[dict[str, Any]]) -> dict[str, float]:
     largest shortfall from a task's best score is smallest (no task may lose much to another's winner). A task
     swept at several budgets speaks through its longest: a short run measures how soon a rate leaves the
     constant prediction, which the longer run of the same task includes, and it must not outvote it."""
-    longest: dict[tuple[str, str], tuple[int, dict[float, float], dict[str, Any]]] = {}
+    def ok(c: dict[str, Any]) -> bool:
+        return "error" not in c and c.get("best") is not None
+
+    longest: dict[tuple[str, str], dict[str, Any]] = {}  # (family, task) -> the sweep that speaks for it
     for s in sweeps:
-        by: dict[str, dict[float, float]] = {}
-        for c in s["cells"]:
-            if "error" not in c and c.get("best") is not None:
-                by.setdefault(c["method"], {})[c["lr"]] = c["best"]
-        for method, at in by.items():
-            key, steps = (method, s["task"]), s.get("steps", 0)
-            if key not in longest or steps > longest[key][0]:
-                longest[key] = (steps, at, s)
-    scores: dict[str, list[tuple[dict[float, float], dict[str, Any]]]] = {}
-    for (method, _), (_, at, s) in longest.items():
-        scores.setdefault(method, []).append((at, s))
+        for method in dict.fromkeys(c["method"] for c in s["cells"] if ok(c)):  # in order: a stable table
+            key = (method, s["task"])
+            if key not in longest or s.get("steps", 0) > longest[key].get("steps", 0):
+                longest[key] = s
+    by_family: dict[str, list[dict[str, Any]]] = {}
+    for (method, _), s in longest.items():
+        by_family.setdefault(method, []).append(s)
     rates: dict[str, float] = {}
-    for method, swept in scores.items():
+    for method, swept in by_family.items():
         if len(swept) == 1:
-            only = swept[0][1].get("chosen", {}).get(method)
+            only = swept[0].get("chosen", {}).get(method)
             if only is not None:
                 rates[method] = only
             continue
-        tables = [at for at, _ in swept]
+        tables = [{c["lr"]: c["best"] for c in s["cells"] if c["method"] == method and ok(c)} for s in swept]
         common = set.intersection(*(set(t) for t in tables))
         if common:
             rates[method] = min(sorted(common), key=lambda lr: max(max(t.values()) - t[lr] for t in tables))
