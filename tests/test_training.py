@@ -123,9 +123,9 @@ def test_a_run_without_lr_takes_its_methods_tuned_rate(monkeypatch):
 
 
 def test_method_defaults_are_the_learning_rate_sweeps_winners():
-    """Each family's default_lr is what benchmarks/lr_sweep's sweeps (docs/results/lr_sweep*/: SST-2 for every family,
-    STS-B for several; CoLA, RTE, MRPC and STS-B to convergence for LoRA, CoLA, MRPC and STS-B for AdaKron) choose together
-    (``lr_sweep.across``), not a guess."""
+    """Each family's default_lr is what benchmarks/lr_sweep's sweeps (docs/results/lr_sweep*/: SST-2 for every
+    family, STS-B for several; CoLA, RTE, MRPC and STS-B to convergence for LoRA, CoLA, MRPC and STS-B for AdaKron)
+    choose together (``lr_sweep.across``), not a guess."""
     from benchmarks.lr_sweep import across
     from cotune.adapters.methods import default_lr
 

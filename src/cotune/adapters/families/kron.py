@@ -65,7 +65,8 @@ class KronConfig(AdapterConfig):
     ``sharing_up``, ``sharing_down``, ``inference_level``, ``consistency_loss``: AdaKron's flags (module docstring).
     """
 
-    default_lr: ClassVar[float] = 0.001  # benchmarks/lr_sweep.across: SST-2; STS-B, CoLA, MRPC to convergence (docs/RESULTS.md)
+    # benchmarks/lr_sweep.across over SST-2 and, to convergence, STS-B, CoLA and MRPC (docs/RESULTS.md)
+    default_lr: ClassVar[float] = 0.001
     r: int = 48
     mixture: str = "none"
     num_experts: int | None = None
