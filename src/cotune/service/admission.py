@@ -4,17 +4,22 @@ Every active job trains in ONE mixed step, so what must fit is the step of all o
 concatenated and padded to the longest row. ``step_bytes`` estimates that step's peak memory above the loaded
 base model from the model's shape alone (no allocation, so it can refuse a job before it exists):
 
-    per layer   102 B · tokens · hidden  +  12.5 B · rows · heads · length²   (activations kept for backward;
+    per layer   116 B · tokens · hidden  +  12.5 B · rows · heads · length²   (activations kept for backward;
                                                                            the second term where the attention
                                                                            keeps its scores)
     logits      12 B · tokens · vocab                                          (causal LM: logits, shift, softmax)
     plus        100 MB                                                         (allocator and first touches)
 
-The two per-layer constants are fitted on measured peak RSS of MiniLM steps (8×128, 32×128, 8×512 rows ×
-tokens, fp32, backprop, LoRA on every layer, BERT's attention with dropout); tested against fresh measurements
-of other shapes and of SmolLM2 (fused attention, no scores kept) to bound them from above by at most 1.7×. A zo step keeps no activations
-for a backward: two layers' worth are live at a time. The budget is ``--memory-limit`` (default: half the
-machine's memory) minus the base model's weights.
+The two per-layer constants are fitted on the peak RSS of five MiniLM steps in a row (8×128, 32×128, 8×512
+rows × tokens, fp32, backprop, LoRA on every layer, BERT's attention with dropout), the largest of three fresh
+processes, and rounded up: least squares gives 115.3 B, 12.4 B and 30 MB. Five steps, not one, because glibc's
+heap keeps freed activations once its adaptive mmap threshold has risen, so a server's later steps peak higher
+than its first: at 16×256 the first step's peak read 1.69–2.01 GB across 13 processes, the fifth's 2.00–2.05 GB.
+(A fixed ``MALLOC_MMAP_THRESHOLD_`` makes the peak 1.41 GB and exact, but costs 30% of the step's time.) Tested
+against fresh measurements of a shape it was not fitted on and of SmolLM2 (fused attention, no scores kept) to
+bound them from above by at most 1.7×. A zo step keeps no activations for a backward: two layers' worth are
+live at a time. The budget is ``--memory-limit-mb`` (default: half the machine's memory) minus the base model's
+weights.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 from cotune.errors import CotuneError
 
-ACTIVATION_BYTES = 102  # per token, layer and hidden unit
+ACTIVATION_BYTES = 116  # per token, layer and hidden unit
 ATTENTION_BYTES = 12.5  # per attention score (rows · heads · length² per layer)
 LOGIT_BYTES = 12  # per token and vocabulary entry
 OVERHEAD_BYTES = 100 * 2**20
