@@ -63,6 +63,26 @@ def test_kron_init_follows_design():
 
 
 @pytest.mark.parametrize("mixture", ["partial", "full"])
+def test_mixture_starts_as_copies_computing_adakron_in_training_and_eval(mixture):
+    """AdaMix deep-copies its expert, so MAdaKron's first step is AdaKron's: every draw, and the eval average,
+    compute the plain adapter made from the same seed. Independent expert draws fail this."""
+    torch.manual_seed(3)
+    plain = Kron(make_config("kron", r=16), 32, 32)
+    torch.manual_seed(3)
+    mix = Kron(make_config("kron", r=16, mixture=mixture, num_experts=3), 32, 32)
+    assert mix.down_a.weight.shape[0] == 3 and mix.down_a.weight.std() > 0.015
+    plain, mix = plain.double(), mix.double()  # float64: the eval mean of three equal experts rounds at 1e-16
+    u = torch.randn(4, 5, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want = plain(u)
+        torch.testing.assert_close(mix.eval()(u), want, rtol=1e-12, atol=1e-15)
+        mix.train()
+        assert len({tuple(mix.draw(s).get("down_a", torch.zeros(1)).tolist()) for s in range(20)}) == 3
+        for seed in range(20):
+            torch.testing.assert_close(mix(u, seed=seed), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mixture", ["partial", "full"])
 def test_mixture_eval_equals_expectation_over_expert_pairs(mixture):
     ad = make_kron(mixture=mixture, num_experts=3).eval()
     ea, ev = ad.down_a.weight.shape[0], ad.down_v.weight.shape[0]
@@ -183,6 +203,11 @@ def test_site_seed_replays_the_servers_draw(minilm_cls, sst2_batch):
     """Gradient learning's contract: the seed the site hands to the tap reproduces the adapter's output."""
     batch, labels = sst2_batch
     model = attach(minilm_cls, "kron", r=8, mixture="full", num_experts=4).train()
+    torch.manual_seed(5)
+    with torch.no_grad():  # experts start as copies; set them apart, as training does, so draws differ
+        for s in sites(model).values():
+            for p in s.adapters["default"].parameters():
+                p.add_(torch.randn_like(p) * 0.02)
     seen = []
 
     def tap(site, ad, u, h, seed):

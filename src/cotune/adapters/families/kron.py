@@ -10,6 +10,10 @@ training each expert group draws one expert uniformly per forward call, only fro
 ``self.generator(seed, device)``, so gradient learning's fitter replays the server's draws from the seed.
 In eval the experts are averaged: since ``z`` is bilinear in ``(a, v)`` and the two groups are drawn
 independently, ``(mean a) ⊗ (mean v)`` is exactly the expected pre-GELU ``z`` — inference costs one adapter.
+The experts of a group start as copies of one draw (AdaMix, which AdaKron builds on, deep-copies its expert),
+so at initialisation MAdaKron computes AdaKron's function in training and in eval; they part only through the
+different batches each is drawn for. (Independent draws would start the eval average at 1/√E of one expert's
+scale, and train through E unrelated random projections of the input.)
 
 ``consistency_loss`` is the optional MAdaKron regulariser for two forwards with different draws; the config's
 ``consistency_loss`` (its weight; AdaKron's ``--use_consistency_loss 1`` is weight 1) makes ``cotune train`` add it.
@@ -136,7 +140,8 @@ class _Factor(nn.Module):
 
     def __init__(self, experts: int, k: int, d: int, std: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(experts, k, d) * std)
+        # Every expert starts as a copy of one draw, as AdaMix's ``copy.deepcopy(expert)`` makes them.
+        self.weight = nn.Parameter((torch.randn(k, d) * std).expand(experts, k, d).clone())
         self.bias = nn.Parameter(torch.zeros(experts, k))
 
     def expert(self, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
