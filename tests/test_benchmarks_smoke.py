@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # The suites live in the repository's ``benchmarks`` package, which is not installed: import it from the root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -388,3 +389,21 @@ def test_lr_sweep_smoke(tmp_path) -> None:
     assert sorted(c["factor"] for c in merged["cells"]) == [1.0, 10.0]
     assert merged["chosen"] == {"lowrank": edge["lr"]}
     assert lr_sweep.main(["--methods", "lora"]) == 2 and lr_sweep.main(["--merge", str(tmp_path)]) == 2
+
+
+def test_expert_soup_smoke(tmp_path) -> None:
+    from benchmarks import expert_soup
+    from cotune.adapters import make_config
+    from cotune.adapters.families.kron import Kron
+
+    assert expert_soup.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (res,) = json.loads((tmp_path / "smoke" / "results.json").read_text())["results"]
+    ways = ["soup", "expert 0", "expert 1", "routed per sequence"]
+    assert res["mixture"] == "full" and res["metric"] == "accuracy" and all(w in res for w in ways)
+    assert all(0.0 <= res[w]["accuracy"] <= 1.0 for w in ways)
+    assert set(res["spread"]) == {"down_a", "down_v"} and all(v > 0 for v in res["spread"].values())  # trained apart
+    ad = Kron(make_config("kron", r=8, mixture="partial", num_experts=3), 16, 16)
+    assert expert_soup.spread([ad])["down_a"] == pytest.approx(0.0, abs=1e-6)  # experts start as copies
+    with torch.no_grad():
+        ad.down_a.weight[1] *= 3  # one expert at 3x the others: mean 5/3, distances 2/3, 4/3, 2/3 of one expert
+    assert expert_soup.spread([ad])["down_a"] == pytest.approx((2 / 3 + 4 / 3 + 2 / 3) / 3 / (5 / 3), rel=1e-5)
