@@ -14,7 +14,7 @@ The two per-layer constants are fitted on the peak RSS of five MiniLM steps in a
 rows × tokens, fp32, backprop, LoRA on every layer, BERT's attention with dropout), the largest of three fresh
 processes, and rounded up: least squares gives 115.3 B, 12.4 B and 30 MB. Five steps, not one, because glibc's
 heap keeps freed activations once its adaptive mmap threshold has risen, so a server's later steps peak higher
-than its first: at 16×256 the first step's peak read 1.69–2.01 GB across 13 processes, the fifth's 2.00–2.05 GB.
+than its first: at 16×256 one step's peak read 1.69–2.01 GB across 13 processes, five or more steps' 1.98–2.05.
 (A fixed ``MALLOC_MMAP_THRESHOLD_`` makes the peak 1.41 GB and exact, but costs 30% of the step's time.) Tested
 against fresh measurements of a shape it was not fitted on and of SmolLM2 (fused attention, no scores kept) to
 bound them from above by at most 1.7×. A zo step keeps no activations for a backward: two layers' worth are
