@@ -56,8 +56,9 @@ def score(run: Path, limit: int | None) -> dict[str, Any]:
     if not ads:
         raise SystemExit(f"{run}: no MAdaKron mixture in this adapter (method.options.mixture=partial|full)")
     rows = list(task.load("validation").rows)
-    saved = [{n: getattr(ad, n).weight.detach().clone() for n in ("down_a", "down_v")} for ad in ads]
-    biases = [{n: getattr(ad, n).bias.detach().clone() for n in ("down_a", "down_v")} for ad in ads]
+    # (factor, trained weight, trained bias) of every expert group, to set each expert in turn and restore after
+    groups = [(f, f.weight.detach().clone(), f.bias.detach().clone())
+              for ad in ads for f in (ad.down_a, ad.down_v) if f.weight.shape[0] > 1]
     n_exp = ads[0].config.experts
 
     def evaluate() -> dict[str, float]:
@@ -66,20 +67,13 @@ def score(run: Path, limit: int | None) -> dict[str, Any]:
 
     res: dict[str, Any] = {"run": str(run), "mixture": ads[0].config.mixture, "experts": n_exp, "spread": spread(ads),
                            "soup": evaluate()}
-    for e in range(n_exp):  # every expert group set to its e-th expert: the soup of copies is that expert
-        with torch.no_grad():
-            for ad, w, b in zip(ads, saved, biases):
-                for n in ("down_a", "down_v"):
-                    f = getattr(ad, n)
-                    if f.weight.shape[0] > 1:
-                        f.weight.copy_(w[n][e].expand_as(w[n]))
-                        f.bias.copy_(b[n][e].expand_as(b[n]))
-        res[f"expert {e}"] = evaluate()
-    with torch.no_grad():
-        for ad, w, b in zip(ads, saved, biases):
-            for n in ("down_a", "down_v"):
-                getattr(ad, n).weight.copy_(w[n])
-                getattr(ad, n).bias.copy_(b[n])
+    for e in [*range(n_exp), None]:  # every group set to its e-th expert (the soup of copies is that expert); None:
+        with torch.no_grad():        # the trained experts back
+            for f, w, b in groups:
+                f.weight.copy_(w if e is None else w[e].expand_as(w))
+                f.bias.copy_(b if e is None else b[e].expand_as(b))
+        if e is not None:
+            res[f"expert {e}"] = evaluate()
     for ad in ads:
         ad.config.inference_level = 1
     res["routed per sequence"] = evaluate()
