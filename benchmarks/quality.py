@@ -24,7 +24,7 @@ Methods (``METHODS``): lowrank (LoRA r 8, alpha 8, query/value), cola (CoLA r 8,
 linear layers, PiSSA init), hydra (HydraLoRA, r 8, 3 B's), kron (AdaKron r 48), kron_mix / kron_full (partial /
 full MAdaKron, 2 experts), loretta_adp / loretta_rep (LoRETTA TT rank 5, tensorized head), bottleneck (Houlsby,
 64), pfeiffer (48) and houlsby (24) at the AdaKron seed's budget, linear / mlp (ColA's full-rank linear and MLP
-auxiliary models on query/value), full (every parameter); each at its family's ``default_lr`` (full: 5e-5).
+auxiliary models on query/value), full (every parameter); each at its family's ``default_lr`` (full: 5e-5), or every cell at ``--lr``.
 ``--preset adakron|loretta|cola_aux`` runs one seed's claim on ``--tasks`` (``CLAIMS``): LoRA, Pfeiffer, Houlsby,
 AdaKron, partial and full MAdaKron and full fine-tuning; LoRA, bottleneck, LoRETTA adp and rep and full
 fine-tuning; ColA's low-rank, linear and MLP auxiliary models with backprop, gl and gl4 (interval I = 4).
@@ -395,6 +395,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None,
+                   help="every GLUE cell's learning rate instead of its family's default (a claim at another rate)")
     p.add_argument("--pooling", default="auto", choices=["auto", "model", "mean", "cls", "max"],
                    help="what the GLUE head reads (auto: MiniLM's own mean pooling; model: BERT's pooler)")
     p.add_argument("--llm-methods", default=None, help="comma list of: " + ", ".join(LLM_METHODS))
@@ -476,7 +478,7 @@ def main(argv: list[str]) -> int:
                 "batch": 4 if args.smoke else args.batch_size, "max_len": 32 if args.smoke else args.max_length,
                 "seed": args.seed, "out": str(out / "runs" / f"{task}_{method}_{engine}"),
                 "eval_every": 1 if args.smoke else max(1, args.steps // 3), "threads": args.threads,
-                "pooling": args.pooling, "device": args.device,
+                "pooling": args.pooling, "device": args.device, "lr": args.lr,
             }
             if args.smoke:
                 kw.update(train_limit=16, eval_limit=8)

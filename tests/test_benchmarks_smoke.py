@@ -132,6 +132,24 @@ def test_quality_methods_train_at_their_family_default_lr_and_the_claim_preset_r
     assert cfg.engine.name == "gl" and cfg.engine.options["interval"] == 4 and cfg.optim.warmup_steps == 1
 
 
+def test_quality_lr_replaces_every_cells_family_default(tmp_path, monkeypatch) -> None:
+    """``--lr`` reaches each cell (a claim's column at another rate); without it a cell gets None, its default."""
+    seen: list[dict] = []
+
+    def cell(**kw):
+        seen.append(kw)
+        return {"suite": "glue", "task": kw["task"], "method": kw["method"], "engine": kw["engine"], "metric": "acc",
+                "best": 0.5, "best_step": 1, "trainable_params": 1, "train_seconds": 0.0, "steps": 2, "curve": [],
+                "loss": [], "dev_loss": []}
+
+    monkeypatch.setattr(quality, "run_cell", cell)
+    monkeypatch.setattr(quality, "report", lambda results, out: "")
+    assert quality.main(["--smoke", "--lr", "3e-3", "--out", str(tmp_path)]) == 0
+    assert len(seen) == 3 and {kw["lr"] for kw in seen} == {3e-3}
+    assert quality.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert {kw["lr"] for kw in seen[3:]} == {None}
+
+
 def test_quality_llm_smoke(tmp_path) -> None:
     assert quality.main(["--smoke", "--suite", "llm", "--out", str(tmp_path)]) == 0
     (r,) = json.loads((tmp_path / "smoke" / "results.json").read_text())["results"]
