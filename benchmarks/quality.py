@@ -441,6 +441,8 @@ def main(argv: list[str]) -> int:
     out = out_dir("quality", args.smoke, args.out)
     if args.report:
         merged: dict[tuple, dict[str, Any]] = {}
+        own = out / "results.json"
+        note = json.loads(own.read_text()).get("note") if own.exists() else None  # a hand-written provenance line
         for folder in [out, *map(Path, args.merge)]:
             saved = folder / "results.json"
             for r in json.loads(saved.read_text())["results"] if saved.exists() else []:
@@ -458,8 +460,8 @@ def main(argv: list[str]) -> int:
             wanted = set(glue_cells(args))
             merged = {k: r for k, r in merged.items() if k[0] != "glue" or k[1:] in wanted}
         if args.merge or any("recovered_from" in r for r in merged.values()):
-            write_json(out / "results.json", {"machine": machine(), "merged_from": [str(out), *args.merge],
-                                              "results": list(merged.values())})
+            write_json(out / "results.json", {"machine": machine(), **({"note": note} if note else {}),
+                                              "merged_from": [str(out), *args.merge], "results": list(merged.values())})
         return report(list(merged.values()), out)
     results: list[dict[str, Any]] = []
     started = time.perf_counter()

@@ -89,7 +89,10 @@ def test_quality_smoke(tmp_path) -> None:
     rerun = dict(res["zo"], best=0.987654)
     other.mkdir()
     (other / "results.json").write_text(json.dumps({"results": [rerun]}))
+    saved = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(dict(saved, note="where these cells came from")))
     assert quality.main(["--report", "--out", str(tmp_path), "--smoke", "--merge", str(other)]) == 0
+    assert json.loads((out / "results.json").read_text())["note"] == "where these cells came from"  # kept
     merged = json.loads((out / "results.json").read_text())["results"]
     assert len(merged) == 3 and sorted(r["best"] for r in merged if r["engine"] == "zo") == [0.987654]
     assert "98.8" in (out / "table.md").read_text()
