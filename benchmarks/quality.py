@@ -24,7 +24,8 @@ Methods (``METHODS``): lowrank (LoRA r 8, alpha 8, query/value), cola (CoLA r 8,
 linear layers, PiSSA init), hydra (HydraLoRA, r 8, 3 B's), kron (AdaKron r 48), kron_mix / kron_full (partial /
 full MAdaKron, 2 experts), loretta_adp / loretta_rep (LoRETTA TT rank 5, tensorized head), bottleneck (Houlsby,
 64), pfeiffer (48) and houlsby (24) at the AdaKron seed's budget, linear / mlp (ColA's full-rank linear and MLP
-auxiliary models on query/value), full (every parameter); each at its family's ``default_lr`` (full: 5e-5), or every cell at ``--lr``.
+auxiliary models on query/value), full (every parameter); each at its family's ``default_lr`` (full: 5e-5), or
+every cell at ``--lr``.
 ``--preset adakron|loretta|cola_aux`` runs one seed's claim on ``--tasks`` (``CLAIMS``): LoRA, Pfeiffer, Houlsby,
 AdaKron, partial and full MAdaKron and full fine-tuning; LoRA, bottleneck, LoRETTA adp and rep and full
 fine-tuning; ColA's low-rank, linear and MLP auxiliary models with backprop, gl and gl4 (interval I = 4).
