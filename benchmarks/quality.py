@@ -442,11 +442,13 @@ def main(argv: list[str]) -> int:
     out = out_dir("quality", args.smoke, args.out)
     if args.report:
         merged: dict[tuple, dict[str, Any]] = {}
-        own = out / "results.json"
-        note = json.loads(own.read_text()).get("note") if own.exists() else None  # a hand-written provenance line
+        note = None  # the folder's own hand-written provenance line, kept when results.json is rewritten
         for folder in [out, *map(Path, args.merge)]:
-            saved = folder / "results.json"
-            for r in json.loads(saved.read_text())["results"] if saved.exists() else []:
+            path = folder / "results.json"
+            saved = json.loads(path.read_text()) if path.exists() else {"results": []}
+            if folder == out:
+                note = saved.get("note")
+            for r in saved["results"]:
                 merged[(r["suite"], r["task"], r.get("method"), r.get("engine"))] = r
             # cells that ended but were never recorded (their parent stopped first) come back from their logs
             for run in sorted((folder / "runs").glob("*")) if (folder / "runs").is_dir() else []:
