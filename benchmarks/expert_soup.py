@@ -67,13 +67,17 @@ def score(run: Path, limit: int | None) -> dict[str, Any]:
 
     res: dict[str, Any] = {"run": str(run), "mixture": ads[0].config.mixture, "experts": n_exp, "spread": spread(ads),
                            "soup": evaluate()}
-    for e in [*range(n_exp), None]:  # every group set to its e-th expert (the soup of copies is that expert); None:
-        with torch.no_grad():        # the trained experts back
+    def set_experts(e: int | None) -> None:
+        """Every group set to its e-th expert (the soup of copies is that expert); None: the trained experts back."""
+        with torch.no_grad():
             for f, w, b in groups:
                 f.weight.copy_(w if e is None else w[e].expand_as(w))
                 f.bias.copy_(b if e is None else b[e].expand_as(b))
-        if e is not None:
-            res[f"expert {e}"] = evaluate()
+
+    for e in range(n_exp):
+        set_experts(e)
+        res[f"expert {e}"] = evaluate()
+    set_experts(None)
     for ad in ads:
         ad.config.inference_level = 1
     res["routed per sequence"] = evaluate()
