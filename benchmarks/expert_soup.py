@@ -34,7 +34,7 @@ def spread(ads: list[Any]) -> dict[str, float]:
     out: dict[str, list[float]] = {}
     for ad in ads:
         for name in ("down_a", "down_v"):
-            w = getattr(ad, name).weight.detach()
+            w = getattr(ad, name).stacked()[0].detach()
             if w.shape[0] > 1:
                 mean = w.mean(0)
                 out.setdefault(name, []).append(float((w - mean).flatten(1).norm(dim=1).mean() / mean.norm()))
@@ -57,8 +57,7 @@ def score(run: Path, limit: int | None) -> dict[str, Any]:
         raise SystemExit(f"{run}: no MAdaKron mixture in this adapter (method.options.mixture=partial|full)")
     rows = list(task.load("validation").rows)
     # (factor, trained weight, trained bias) of every expert group, to set each expert in turn and restore after
-    groups = [(f, f.weight.detach().clone(), f.bias.detach().clone())
-              for ad in ads for f in (ad.down_a, ad.down_v) if f.weight.shape[0] > 1]
+    groups = [(f, *(t.detach().clone() for t in f.stacked())) for ad in ads for f in (ad.down_a, ad.down_v) if len(f) > 1]
     n_exp = ads[0].config.experts
 
     def evaluate() -> dict[str, float]:
@@ -71,8 +70,9 @@ def score(run: Path, limit: int | None) -> dict[str, Any]:
         """Every group set to its e-th expert (the soup of copies is that expert); None: the trained experts back."""
         with torch.no_grad():
             for f, w, b in groups:
-                f.weight.copy_(w if e is None else w[e].expand_as(w))
-                f.bias.copy_(b if e is None else b[e].expand_as(b))
+                for i in range(len(f)):
+                    f.weight[i].copy_(w[i if e is None else e])
+                    f.bias[i].copy_(b[i if e is None else e])
 
     for e in range(n_exp):
         set_experts(e)

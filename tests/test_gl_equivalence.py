@@ -163,8 +163,8 @@ def test_madakron_consistency_loss_two_forwards_equal_backprop(small, monkeypatc
             ad.train()
         model.to(dtype)
         with torch.no_grad():  # experts start as copies: make them differ, so that the draws matter
-            for p in trainable_parameters(model, "v").values():
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p))
+            for i, p in enumerate(trainable_parameters(model, "v").values()):  # each expert its own tensor
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(p))
             random.seed(0)
             first, second = (model(**data[0][0]).logits for _ in range(2))
         assert consistency_loss(first.float(), second.float()) > 0  # the two forwards really drew differently

@@ -35,10 +35,9 @@ def make_kron(d: int = 24, r: int = 8, **kw) -> Kron:
     torch.manual_seed(0)
     ad = Kron(make_config("kron", r=r, **kw), d, d)
     with torch.no_grad():  # non-zero biases so the bias paths are checked too
-        for p in (ad.down_a.bias, ad.down_v.bias, ad.up.bias):
-            p.normal_(0, 0.5)
-        for p in (ad.down_a.weight, ad.down_v.weight, ad.up.weight):
-            p.mul_(20)  # make GELU non-trivial (std 0.4 instead of 0.02)
+        for name, p in ad.named_parameters():
+            # biases N(0, 0.5); weights x20 to make GELU non-trivial (std 0.4 instead of 0.02)
+            p.normal_(0, 0.5) if "bias" in name else p.mul_(20)
     return ad
 
 
@@ -55,9 +54,9 @@ def test_kron_forward_equals_outer_product_formula():
 def test_kron_init_follows_design():
     torch.manual_seed(1)
     ad = Kron(make_config("kron", r=48), 768, 768)
-    for w in (ad.down_v.weight, ad.up.weight):  # 9,216 and 36,864 samples
+    for w in (ad.down_v.weight[0], ad.up.weight):  # 9,216 and 36,864 samples
         assert abs(w.std().item() - 0.02) < 0.02 * 0.05 and abs(w.mean().item()) < 1e-3
-    for b in (ad.down_a.bias, ad.down_v.bias, ad.up.bias):
+    for b in (ad.down_a.bias[0], ad.down_v.bias[0], ad.up.bias):
         assert torch.count_nonzero(b) == 0
     assert ad.num_parameters() == 49_936  # 768·4+4 + 768·12+12 + 48·768+768
 
@@ -70,14 +69,14 @@ def test_mixture_starts_as_copies_computing_adakron_in_training_and_eval(mixture
     plain = Kron(make_config("kron", r=16), 32, 32)
     torch.manual_seed(3)
     mix = Kron(make_config("kron", r=16, mixture=mixture, num_experts=3), 32, 32)
-    assert mix.down_a.weight.shape[0] == 3 and mix.down_a.weight.std() > 0.015
+    assert len(mix.down_a) == 3 and mix.down_a.stacked()[0].std() > 0.015
     plain, mix = plain.double(), mix.double()  # float64: the eval mean of three equal experts rounds at 1e-16
     u = torch.randn(4, 5, 32, dtype=torch.float64)
     with torch.no_grad():
         want = plain(u)
         torch.testing.assert_close(mix.eval()(u), want, rtol=1e-12, atol=1e-15)
         mix.train()
-        assert len({tuple(mix.draw(s).get("down_a", torch.zeros(1)).tolist()) for s in range(20)}) == 3
+        assert {mix.draw(s)["down_a"] for s in range(20)} == {0, 1, 2}
         for seed in range(20):
             torch.testing.assert_close(mix(u, seed=seed), want, rtol=0, atol=0)
 
@@ -85,7 +84,7 @@ def test_mixture_starts_as_copies_computing_adakron_in_training_and_eval(mixture
 @pytest.mark.parametrize("mixture", ["partial", "full"])
 def test_mixture_eval_equals_expectation_over_expert_pairs(mixture):
     ad = make_kron(mixture=mixture, num_experts=3).eval()
-    ea, ev = ad.down_a.weight.shape[0], ad.down_v.weight.shape[0]
+    ea, ev = len(ad.down_a), len(ad.down_v)
     assert (ea, ev) == ((3, 1) if mixture == "partial" else (3, 3))
     u = torch.randn(5, 24, dtype=torch.float64)
     zs = []
@@ -115,7 +114,7 @@ def test_training_draws_one_expert_per_group_from_the_seed_only():
         hits = [p for p, ref in pair_out.items() if torch.allclose(out, ref, rtol=1e-5, atol=1e-6)]
         assert len(hits) == 1, f"seed {seed}: output matches {len(hits)} expert pairs, expected exactly one"
         picks = ad.draw(seed)
-        assert hits[0] == (int(picks["down_a"]), int(picks["down_v"]))
+        assert hits[0] == (picks["down_a"], picks["down_v"])
         torch.manual_seed(seed + 1000)  # the global RNG must not matter: same seed, same draw
         assert torch.equal(ad(u, seed=seed), out.float())
         seen.append(hits[0])
@@ -125,11 +124,59 @@ def test_training_draws_one_expert_per_group_from_the_seed_only():
 
 def test_partial_mixture_draws_only_the_four_dim_factor():
     ad = make_kron(mixture="partial", num_experts=2).train()
-    assert set(ad.draw(3)) == {"down_a"} and ad.down_v.weight.shape[0] == 1
+    assert set(ad.draw(3)) == {"down_a"} and len(ad.down_v) == 1
     u = torch.randn(4, 24)
     outs = {tuple(ad(u, seed=s).flatten()[:3].tolist()) for s in range(20)}
     assert len(outs) == 2  # two experts of the 4-dim factor, nothing else random
     assert not ad.eval().stochastic
+
+
+def test_undrawn_experts_are_left_alone_by_adamw_as_in_adamix():
+    """AdaMix keeps its experts in a ``ModuleList`` and calls only the drawn one, so an undrawn expert gets no
+    gradient and AdamW skips it: no weight decay, no momentum step, no step count. The reference below is
+    that structure (each expert its own ``nn.Linear``, a copy of one draw); six AdamW steps with weight decay
+    must give the same weights, and an expert left out of step 1 must not move. A stacked (E, k, d) tensor
+    fails this: its undrawn slice gets a zero gradient that AdamW still decays and moves by momentum."""
+    torch.manual_seed(0)
+    mix = Kron(make_config("kron", r=8, mixture="full", num_experts=2), 16, 16).double().train()
+    downs = {
+        g: torch.nn.ModuleList(torch.nn.Linear(16, f.weight[0].shape[0]).double() for _ in range(len(f)))
+        for g, f in (("down_a", mix.down_a), ("down_v", mix.down_v))
+    }
+    up = torch.nn.Linear(8, 16).double()
+    with torch.no_grad():
+        for g, experts in downs.items():
+            for e, lin in enumerate(experts):
+                lin.weight.copy_(getattr(mix, g).weight[e])
+                lin.bias.copy_(getattr(mix, g).bias[e])
+        up.weight.copy_(mix.up.weight)
+        up.bias.copy_(mix.up.bias)
+    ref_params = [*downs["down_a"].parameters(), *downs["down_v"].parameters(), *up.parameters()]
+    opt = torch.optim.AdamW(mix.parameters(), lr=0.05, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref_params, lr=0.05, weight_decay=0.1)
+    u = torch.randn(3, 16, dtype=torch.float64)
+    seeds = [s for s in range(40) if mix.draw(s) == {"down_a": 0, "down_v": 0}][:1] + list(range(5))
+    for step, seed in enumerate(seeds):
+        picks = mix.draw(seed)
+        a, v = downs["down_a"][picks["down_a"]](u), downs["down_v"][picks["down_v"]](u)
+        ref = up(torch.nn.functional.gelu((a[:, :, None] * v[:, None, :]).flatten(1)))
+        ref.pow(2).sum().backward()
+        mix(u, seed=seed).pow(2).sum().backward()
+        if step == 0:
+            assert mix.down_a.weight[1].grad is None and mix.down_v.bias[1].grad is None
+            before = [t.detach().clone() for t in (mix.down_a.weight[1], mix.down_v.bias[1])]
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad(set_to_none=True)
+        if step == 0:
+            assert torch.equal(before[0], mix.down_a.weight[1]) and torch.equal(before[1], mix.down_v.bias[1])
+            assert not torch.equal(before[0], mix.down_a.weight[0])
+    ours = [*mix.down_a.weight, *mix.down_a.bias, *mix.down_v.weight, *mix.down_v.bias, mix.up.weight, mix.up.bias]
+    theirs = [*(p for lin in downs["down_a"] for p in (lin.weight,)), *(lin.bias for lin in downs["down_a"]),
+              *(lin.weight for lin in downs["down_v"]), *(lin.bias for lin in downs["down_v"]), up.weight, up.bias]
+    assert len({tuple(mix.draw(s).values()) for s in seeds}) > 1  # both experts of a group were trained
+    for x, y in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
 
 
 def test_kron_bad_input_is_a_clear_error():
@@ -175,12 +222,7 @@ def test_kron_on_minilm_matches_hooks_roundtrips_and_refuses_merge(minilm_cls, s
         ad = sites(model)[path].adapters["default"]
         w = [
             t.detach()
-            for t in (
-                ad.down_a.weight.mean(0),
-                ad.down_a.bias.mean(0),
-                ad.down_v.weight.mean(0),
-                ad.down_v.bias.mean(0),
-            )
+            for t in (*(x.mean(0) for x in ad.down_a.stacked()), *(x.mean(0) for x in ad.down_v.stacked()))
         ]
         hook = lambda m, i, y, w=w, ad=ad: y + kron_ref(y, *w, ad.up.weight.detach(), ad.up.bias.detach()).float()  # noqa: E731
         ref_model.get_submodule(path).register_forward_hook(hook)
@@ -256,9 +298,14 @@ def test_gradient_learning_gradient_equals_backprop_with_replayed_draws(minilm_c
             grads += [p.grad for p in ad.parameters()]
         return grads
 
-    for got, want in zip(fitter_grads(0), backprop):
-        torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-9)
+    def same(got: torch.Tensor | None, want: torch.Tensor | None) -> bool:
+        # An expert that was not drawn has no gradient (None) on both sides, as AdaMix's optimizer expects.
+        if got is None or want is None:
+            return got is want
+        return torch.allclose(got.float(), want, rtol=1e-4, atol=1e-9)
+
+    assert sum(g is None for g in backprop) > 0 and sum(g is not None for g in backprop) > len(records) * 2
+    for got, want in zip(fitter_grads(0), backprop, strict=True):
+        assert same(got, want)
     # Without the server's seed the fitter draws other experts, and the gradients no longer match.
-    assert any(
-        not torch.allclose(got.float(), want, rtol=1e-4, atol=1e-9) for got, want in zip(fitter_grads(1), backprop)
-    )
+    assert not all(same(got, want) for got, want in zip(fitter_grads(1), backprop, strict=True))

@@ -31,7 +31,7 @@ def _kron(d=16, **kw) -> Kron:
 
 def test_sharing_down_is_the_width_of_the_expert_factor():
     ad = _kron(r=24, sharing_down=8).eval()
-    assert ad.down_a.weight.shape == (1, 8, 16) and ad.down_v.weight.shape == (1, 3, 16)
+    assert ad.down_a.stacked()[0].shape == (1, 8, 16) and ad.down_v.stacked()[0].shape == (1, 3, 16)
     u = torch.randn(2, 3, 16)
     want = kron_ref(u, ad.down_a.weight[0], ad.down_a.bias[0], ad.down_v.weight[0], ad.down_v.bias[0],
                     ad.up.weight, ad.up.bias)
@@ -43,10 +43,9 @@ def test_sharing_down_is_the_width_of_the_expert_factor():
 
 def test_sharing_up_chooses_which_down_factors_hold_experts():
     full = _kron(r=8, num_experts=3, sharing_up=1)  # ints, as run_glue.py's flags are typed
-    assert full.config.mixture == "full" and full.down_a.weight.shape[0] == 3 and full.down_v.weight.shape[0] == 3
+    assert full.config.mixture == "full" and len(full.down_a) == 3 and len(full.down_v) == 3
     partial = _kron(r=8, num_experts=3, sharing_up=0)
-    assert partial.config.mixture == "partial" and partial.down_a.weight.shape[0] == 3
-    assert partial.down_v.weight.shape[0] == 1
+    assert partial.config.mixture == "partial" and len(partial.down_a) == 3 and len(partial.down_v) == 1
     with pytest.raises(CotuneError, match="num_experts=2"):
         make_config("kron", sharing_up=True)
     with pytest.raises(CotuneError, match="means mixture=full"):
@@ -56,7 +55,7 @@ def test_sharing_up_chooses_which_down_factors_hold_experts():
 def _combos(ad: Kron, u: torch.Tensor) -> torch.Tensor:
     """g(u) for every (expert of down_a, expert of down_v): shape (E_a·E_v, ..., d)."""
     outs = []
-    for ia, iv in itertools.product(range(ad.down_a.weight.shape[0]), range(ad.down_v.weight.shape[0])):
+    for ia, iv in itertools.product(range(len(ad.down_a)), range(len(ad.down_v))):
         a = F.linear(u, ad.down_a.weight[ia], ad.down_a.bias[ia])
         v = F.linear(u, ad.down_v.weight[iv], ad.down_v.bias[iv])
         outs.append(ad.up(F.gelu((a.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2))))

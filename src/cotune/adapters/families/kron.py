@@ -6,8 +6,9 @@ output projection; not mergeable (``z`` is quadratic in ``u``).
 
 Mixture (MAdaKron, ``mixture=partial|full``, ``num_experts=E``): ``partial`` keeps E copies of the 4-dim
 factor ``(W_2, b_2)``; ``full`` keeps E copies of both down factors; the up projection is shared. In
-training each expert group draws one expert uniformly per forward call, only from
-``self.generator(seed, device)``, so gradient learning's fitter replays the server's draws from the seed.
+training each expert group draws one expert uniformly per forward call, only from a CPU
+``self.generator(seed)``, so gradient learning's fitter, on any device, replays the server's draws from the seed;
+only the drawn expert enters the graph, so the others get no gradient and no optimizer step (AdaMix's).
 In eval the experts are averaged: since ``z`` is bilinear in ``(a, v)`` and the two groups are drawn
 independently, ``(mean a) ⊗ (mean v)`` is exactly the expected pre-GELU ``z`` — inference costs one adapter.
 The experts of a group start as copies of one draw (AdaMix, which AdaKron builds on, deep-copies its expert),
@@ -28,9 +29,10 @@ AdaKron's own flags, with the meaning its README gives them:
   their weights (the "expert soup" above: one adapter); ``1`` draws one expert per group for each sequence and
   ``0`` for each token (random routing, as in training but finer-grained).
 
-Saved tensor names (``k = sharing_down``, 4 by default): ``down_a.weight (E_a, k, d)``, ``down_a.bias (E_a, k)``,
-``down_v.weight (E_v, r/k, d)``, ``down_v.bias (E_v, r/k)``, ``up.weight (d_out, r)``, ``up.bias (d_out)``
-(``E = 1`` without a mixture).
+Saved tensor names (``k = sharing_down``, 4 by default; ``e`` counts experts from 0): ``down_a.weight.e (k, d)``,
+``down_a.bias.e (k)``, ``down_v.weight.e (r/k, d)``, ``down_v.bias.e (r/k)``, ``up.weight (d_out, r)``,
+``up.bias (d_out)`` (only ``e = 0`` without a mixture). Each expert is its own tensor so that the optimizer
+skips the experts a step did not draw, as AdaMix's does (``_Factor``).
 """
 
 from __future__ import annotations
@@ -136,23 +138,39 @@ def _widths(site: str, d_in: int, d_out: int) -> tuple[int, int]:
 
 
 class _Factor(nn.Module):
-    """``E`` experts of one affine down factor ``u -> W u + b`` (weights ``(E, k, d)``, biases ``(E, k)``)."""
+    """``E`` experts of one affine down factor ``u -> W_e u + b_e``: ``weight[e]`` ``(k, d)``, ``bias[e]`` ``(k)``.
+
+    Each expert is its own parameter, as in AdaMix's ``ModuleList`` of experts: an expert a training call did
+    not draw is outside the graph, so its gradient stays ``None`` and the optimizer leaves it and its moments
+    alone. (One stacked ``(E, k, d)`` tensor would give it a zero gradient, which AdamW's momentum and weight
+    decay still move: with two experts each moved about 1.4x as far per step as AdaMix's.)
+    """
 
     def __init__(self, experts: int, k: int, d: int, std: float) -> None:
         super().__init__()
         # Every expert starts as a copy of one draw, as AdaMix's ``copy.deepcopy(expert)`` makes them.
-        self.weight = nn.Parameter((torch.randn(k, d) * std).expand(experts, k, d).clone())
-        self.bias = nn.Parameter(torch.zeros(experts, k))
+        w = torch.randn(k, d) * std
+        self.weight = nn.ParameterList([nn.Parameter(w.clone()) for _ in range(experts)])
+        self.bias = nn.ParameterList([nn.Parameter(torch.zeros(k)) for _ in range(experts)])
 
-    def expert(self, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert ``idx`` (a 1-element index tensor), or the uniform average when ``idx`` is ``None``."""
-        if idx is None:
-            return self.weight.mean(0), self.bias.mean(0)
-        return self.weight.index_select(0, idx)[0], self.bias.index_select(0, idx)[0]
+    def __len__(self) -> int:
+        return len(self.weight)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert's weight and bias, stacked: ``(E, k, d)`` and ``(E, k)``."""
+        return torch.stack(list(self.weight)), torch.stack(list(self.bias))
+
+    def expert(self, e: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``e``, or the uniform average of the experts when ``e`` is ``None``."""
+        if e is not None or len(self) == 1:
+            return self.weight[e or 0], self.bias[e or 0]
+        w, b = self.stacked()
+        return w.mean(0), b.mean(0)
 
     def routed(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``W_e u + b_e`` with expert ``e = idx`` per position (``idx`` broadcast to ``u.shape[:-1]``)."""
-        every = torch.einsum("...d,ekd->...ek", u, self.weight) + self.bias  # (..., E, k)
+        w, b = self.stacked()
+        every = torch.einsum("...d,ekd->...ek", u, w) + b  # (..., E, k)
         idx = idx.expand(u.shape[:-1])
         pick = idx[..., None, None].expand(*idx.shape, 1, every.shape[-1])
         return every.gather(-2, pick).squeeze(-2)
@@ -177,25 +195,26 @@ class Kron(Adapter):
     def stochastic(self) -> bool:
         return self.training and self.config.experts > 1
 
-    def draw(self, seed: int | None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """The experts one training call uses: ``{group: 1-element index}`` for every group with E > 1.
+    def draw(self, seed: int | None) -> dict[str, int]:
+        """The experts one training call uses: ``{group: expert}`` for every group with E > 1.
 
-        Groups draw independently and uniformly, in the fixed order ``down_a`` then ``down_v``, from
-        ``generator(seed)`` only (the global RNG when ``seed`` is ``None``).
+        Groups draw independently and uniformly, in the fixed order ``down_a`` then ``down_v``, from a CPU
+        ``generator(seed)`` only (the global CPU RNG when ``seed`` is ``None``): the same draws wherever the
+        adapter runs, so a fitter on a user's CPU replays a GPU server's.
         """
-        gen = self.generator(seed, torch.device(device))
-        out: dict[str, torch.Tensor] = {}
+        gen = self.generator(seed, torch.device("cpu"))
+        out: dict[str, int] = {}
         for name in ("down_a", "down_v"):
-            n = getattr(self, name).weight.shape[0]
+            n = len(getattr(self, name))
             if n > 1:
-                out[name] = torch.randint(n, (1,), generator=gen, device=device)
+                out[name] = int(torch.randint(n, (1,), generator=gen))
         return out
 
     def forward(self, u: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         if not self.training and self.config.experts > 1 and self.config.inference_level != 3:
             a, v = self._routed_eval(u, seed)
         else:
-            picks = self.draw(seed, u.device) if self.stochastic else {}
+            picks = self.draw(seed) if self.stochastic else {}
             w2, b2 = self.down_a.expert(picks.get("down_a"))
             w1, b1 = self.down_v.expert(picks.get("down_v"))
             a = F.linear(u, w2, b2)  # (..., sharing_down)
@@ -210,7 +229,7 @@ class Kron(Adapter):
         shape = u.shape[:-1] if self.config.inference_level == 0 else (*u.shape[:1], *([1] * (u.dim() - 2)))
         out = []
         for factor in (self.down_a, self.down_v):
-            n = factor.weight.shape[0]
+            n = len(factor)
             if n == 1:
                 out.append(F.linear(u, factor.weight[0], factor.bias[0]))
             else:
