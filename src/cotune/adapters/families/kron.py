@@ -162,10 +162,11 @@ class _Factor(nn.Module):
 
     def expert(self, e: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ``e``, or the uniform average of the experts when ``e`` is ``None``."""
-        if e is not None or len(self) == 1:
-            return self.weight[e or 0], self.bias[e or 0]
-        w, b = self.stacked()
-        return w.mean(0), b.mean(0)
+        if e is None and len(self) > 1:
+            w, b = self.stacked()
+            return w.mean(0), b.mean(0)
+        i = 0 if e is None else e
+        return self.weight[i], self.bias[i]
 
     def routed(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``W_e u + b_e`` with expert ``e = idx`` per position (``idx`` broadcast to ``u.shape[:-1]``)."""
