@@ -14,8 +14,7 @@ the Alpaca demo and MMLU), in the style of the AdaKron/LoRETTA result tables.
     python -m benchmarks quality --report --preset cola_aux --tasks stsb --out DIR --merge ...   # one claim's cells
 
 Every cell is one ``cotune.training.train`` run (the same loop as ``cotune train``) with FIXED budgets: seed 0,
-``--steps`` optimizer steps (default 300) of batch 16, max_length 128, a linear schedule warming up over the first
-``--warmup`` of them (default 0.1), evaluation on the validation split
+``--steps`` optimizer steps (default 300) of batch 16, max_length 128, evaluation on the validation split
 every ``--steps/3`` steps; the reported score is the best validation score (selection on dev only; the test
 splits are never read). Datasets without a published dev split (FPB, the Alpaca demo, GSM8K, MMLU) use the
 task's deterministic seeded carve of the train file (10%). Each cell runs in a fresh subprocess, so one
@@ -168,9 +167,8 @@ def _curves(evals: list[dict], trains: list[dict], metric: str) -> dict[str, Any
 
 def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max_len: int, seed: int,
                 out: str, eval_every: int, train_limit: int | None = None, eval_limit: int | None = None,
-                pooling: str = "auto", lr: float | None = None, device: str = "cpu", warmup: float = 0.1) -> Any:
-    """The ``TrainConfig`` of one GLUE/FPB cell (``lr``: instead of the method's, e.g. for a sweep; ``warmup``:
-    the fraction of the steps the rate warms up over)."""
+                pooling: str = "auto", lr: float | None = None, device: str = "cpu") -> Any:
+    """The ``TrainConfig`` of one GLUE/FPB cell (``lr``: instead of the method's, e.g. for a sweep)."""
     from cotune.training.config import config_from_dict
 
     data, _, _ = GLUE_TASKS[task]
@@ -178,7 +176,7 @@ def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max
     engine_opts: dict[str, Any] = {}
     interval = GL_INTERVAL.get(engine, 1)  # the schedule counts updates: steps / I of them
     optim: dict[str, Any] = {"optimizer": opt, "lr": method_lr(method) if lr is None else lr, "scheduler": "linear",
-                             "warmup_steps": max(1, int(steps * warmup + 1e-9) // interval)}
+                             "warmup_steps": max(1, steps // 10 // interval)}
     if engine in GL_INTERVAL:
         engine_opts = {"placement": "thread", "interval": interval}
     elif engine == "zo":
@@ -199,7 +197,7 @@ def glue_config(task: str, method: str, engine: str, steps: int, batch: int, max
 def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_len: int, seed: int, out: str,
              eval_every: int, threads: int = 1, train_limit: int | None = None,
              eval_limit: int | None = None, pooling: str = "auto", lr: float | None = None,
-             device: str = "cpu", warmup: float = 0.1) -> dict[str, Any]:
+             device: str = "cpu") -> dict[str, Any]:
     """Train one GLUE/FPB cell and return its scores, curve and cost."""
     import torch
 
@@ -208,7 +206,7 @@ def run_cell(task: str, method: str, engine: str, steps: int, batch: int, max_le
     set_offline()
     torch.set_num_threads(threads)
     cfg = glue_config(task, method, engine, steps, batch, max_len, seed, out, eval_every, train_limit, eval_limit,
-                      pooling, lr, device, warmup)
+                      pooling, lr, device)
     t0 = time.perf_counter()
     res = train(cfg, verbose=False)
     evals, trains = _read_log(Path(out) / "log.jsonl")
@@ -400,7 +398,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None,
                    help="every GLUE cell's learning rate instead of its family's default (a claim at another rate)")
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of a GLUE cell's steps the rate warms up over")
     p.add_argument("--pooling", default="auto", choices=["auto", "model", "mean", "cls", "max"],
                    help="what the GLUE head reads (auto: MiniLM's own mean pooling; model: BERT's pooler)")
     p.add_argument("--llm-methods", default=None, help="comma list of: " + ", ".join(LLM_METHODS))
@@ -487,7 +484,6 @@ def main(argv: list[str]) -> int:
                 "seed": args.seed, "out": str(out / "runs" / f"{task}_{method}_{engine}"),
                 "eval_every": 1 if args.smoke else max(1, args.steps // 3), "threads": args.threads,
                 "pooling": args.pooling, "device": args.device, "lr": args.lr,
-                "warmup": args.warmup,
             }
             if args.smoke:
                 kw.update(train_limit=16, eval_limit=8)
