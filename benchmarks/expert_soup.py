@@ -34,8 +34,9 @@ def spread(ads: list[Any]) -> dict[str, float]:
     out: dict[str, list[float]] = {}
     for ad in ads:
         for name in ("down_a", "down_v"):
-            w = getattr(ad, name).stacked()[0].detach()
-            if w.shape[0] > 1:
+            factor = getattr(ad, name)
+            if len(factor) > 1:  # a group with experts, as ``score`` picks them
+                w = factor.stacked()[0].detach()
                 mean = w.mean(0)
                 out.setdefault(name, []).append(float((w - mean).flatten(1).norm(dim=1).mean() / mean.norm()))
     return {k: sum(v) / len(v) for k, v in out.items()}
