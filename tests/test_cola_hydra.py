@@ -23,6 +23,7 @@ from cotune.adapters import (
     trainable_parameters,
     unmerge,
 )
+from cotune.adapters.draws import keep_mask
 from cotune.adapters.families.cola import heuristic_groups
 from cotune.errors import CotuneError
 from cotune.models import load_model, meta_model
@@ -134,12 +135,12 @@ def test_cola_dropout_mask_per_pair_replays(minilm_cls, sst2_batch):
     _randomise(minilm_cls)
     ad = _one_adapter(minilm_cls).train()
     u = _hidden(minilm_cls, batch)
-    gen = torch.Generator().manual_seed(5)
     want = torch.zeros(*u.shape[:-1], ad.d_out)
+    masks = [keep_mask(u, 0.25, seed=5, stream=i * 2 + j) for i in range(2) for j in range(2)]
+    assert all(not torch.equal(masks[0], m) for m in masks[1:])  # a mask of its own per pair
     for i in range(2):
         for j in range(2):
-            keep = torch.empty_like(u).bernoulli_(0.75, generator=gen)
-            want += (u * keep / 0.75) @ ad.cola_A[i].detach().T @ ad.cola_B[j].detach().T
+            want += (u * masks[i * 2 + j] / 0.75) @ ad.cola_A[i].detach().T @ ad.cola_B[j].detach().T
     with torch.no_grad():
         torch.testing.assert_close(ad(u, seed=5), want, rtol=1e-5, atol=1e-6)
         assert not torch.equal(ad(u, seed=6), want)

@@ -77,9 +77,10 @@ class Adapter(nn.Module):
     init reads it). Subclasses implement ``forward(u, seed=None) -> g(u)`` on fp32 input (the site casts), set ``site``
     and ``scaling`` (``s``), and, when ``g`` is linear in ``u``, ``delta_weight()`` for merging.
 
-    Stochastic families (dropout, expert draws) set ``stochastic = True`` and draw only from
-    ``self.generator(seed, device)``: the site passes a fresh seed per call and the engines replay the
-    same seed off the server, which is what keeps gradient learning equal to backprop.
+    Stochastic families (dropout, expert draws) set ``stochastic = True`` and draw only from the call's
+    ``seed``: masks with :mod:`cotune.adapters.draws`, small integer draws from ``self.generator(seed, cpu)``.
+    The site passes a fresh seed per call and the engines replay the same seed off the server, on any
+    device, which is what keeps gradient learning equal to backprop.
     """
 
     site: str = "parallel"

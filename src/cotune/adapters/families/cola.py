@@ -7,14 +7,15 @@ Strategies (how A's and B's pair up; each pair ``(i, j)`` contributes ``B_j A_i 
 * ``full`` (default, the reference's active one): every pair, ``g(x) = Σ_j B_j Σ_i A_i x``; mergeable as
   ``ΔW = s·(Σ_j B_j)(Σ_i A_i)``.
 * ``random``: in training each ``A_i`` is paired with one ``B`` drawn uniformly (with replacement) per
-  forward call, the draw coming only from ``self.generator(seed, device)`` so that gradient learning can
-  replay it (``stochastic`` is true). In eval mode the adapter applies the expectation over draws,
+  forward call, the draw coming only from ``self.generator(seed, cpu)`` so that gradient learning can
+  replay it on any device (``stochastic`` is true). In eval mode the adapter applies the expectation over draws,
   ``(1/N)(Σ_j B_j)(Σ_i A_i)`` (deterministic; also what ``merge`` folds in).
 * ``heuristic``: ``k = N // M``; ``A_i`` is paired with ``B_{ik} … B_{ik+k−1}``; the ``N − Mk`` leftover
   B's are paired round-robin with ``A_0, A_1, …`` (see ``heuristic_groups``). Linear, so mergeable.
 
 ``lora_dropout`` > 0 draws an independent mask for every pair in training (as the reference, which calls
-its dropout once per pair), so dropout breaks the symmetry between copies.
+its dropout once per pair; :func:`cotune.adapters.draws.dropout`, one stream per pair), so dropout breaks the
+symmetry between copies.
 
 Initialisation (``init``):
 
@@ -56,6 +57,7 @@ import torch
 from torch import nn
 
 from cotune.adapters.base import Adapter, AdapterConfig, register
+from cotune.adapters.draws import dropout
 from cotune.errors import CotuneError
 
 STRATEGIES = ("full", "random", "heuristic")
@@ -256,14 +258,15 @@ class Cola(Adapter):
     def stochastic(self) -> bool:
         return self.training and (self.strategy == "random" or self.p > 0)
 
-    def pairs(self, generator: torch.Generator | None = None, device: torch.device | None = None) -> list[list[int]]:
-        """For each ``A_i`` the B indices it is paired with in this call (random: drawn from ``generator``)."""
+    def pairs(self, generator: torch.Generator | None = None) -> list[list[int]]:
+        """For each ``A_i`` the B indices it is paired with in this call (random: drawn from ``generator``, a
+        CPU one, so that a fitter on any device replays the server's pairs)."""
         m, n = self.config.num_A, self.config.num_B
         if self.strategy == "full":
             return [list(range(n)) for _ in range(m)]
         if self.strategy == "heuristic":
             return [list(g) for g in self.groups]
-        draw = torch.randint(0, n, (m,), generator=generator, device=device)
+        draw = torch.randint(0, n, (m,), generator=generator)
         return [[j] for j in draw.tolist()]
 
     def forward(self, u: torch.Tensor, seed: int | None = None) -> torch.Tensor:
@@ -272,8 +275,7 @@ class Cola(Adapter):
             return self._full(u) / self.config.num_B
         if self.strategy == "full" and not (self.training and self.p > 0):
             return self._full(u)
-        gen = self.generator(seed, u.device)
-        groups = self.pairs(gen, u.device)
+        groups = self.pairs(self.generator(seed, torch.device("cpu")))
         out: torch.Tensor | None = None
         for i, js in enumerate(groups):
             if not js:
@@ -281,8 +283,7 @@ class Cola(Adapter):
             if self.training and self.p > 0:
                 # One independent dropout mask per pair, as the reference.
                 for j in js:
-                    keep = torch.empty_like(u).bernoulli_(1 - self.p, generator=gen)
-                    y = (u * keep / (1 - self.p)) @ self.cola_A[i].T @ self.cola_B[j].T
+                    y = dropout(u, self.p, seed, stream=i * self.config.num_B + j) @ self.cola_A[i].T @ self.cola_B[j].T
                     out = y if out is None else out + y
             else:
                 b = self._sum([self.cola_B[j] for j in js])

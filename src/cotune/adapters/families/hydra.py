@@ -3,7 +3,7 @@
 ``g(x) = Σ_j softmax(R x)_j · B_j A x`` with ``A ∈ R^{r×d_in}`` Kaiming-uniform, ``B_j ∈ R^{d_out×r}`` zero,
 router ``R ∈ R^{N×d_in}`` without bias (Kaiming-uniform), ``s = lora_alpha / r``. The router reads the
 un-dropped input; with ``lora_dropout`` each head gets its own dropout mask of ``x`` before ``A`` (as the
-reference, which calls its dropout once per head), drawn from ``self.generator(seed, device)``.
+reference, which calls its dropout once per head), stream ``j`` of :func:`cotune.adapters.draws.dropout`.
 Saved keys follow the reference: ``lora_A.weight``, ``lora_B.<j>.weight``, ``lora_route.weight``.
 Not mergeable: the router weights depend on the token.
 Default placement: CoLA's (every linear layer of every block), so the two compare like for like.
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cotune.adapters.base import Adapter, AdapterConfig, register
+from cotune.adapters.draws import dropout
 from cotune.adapters.families.cola import COLA_DEFAULT_TARGETS
 from cotune.adapters.families.linear import build_on
 from cotune.errors import CotuneError
@@ -71,13 +72,11 @@ class Hydra(Adapter):
 
     def forward(self, u: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         w = self.router_weights(u)
-        gen = self.generator(seed, u.device) if self.stochastic else None
         z = None if self.stochastic else self.lora_A(u)
         out: torch.Tensor | None = None
         for j, head in enumerate(self.lora_B):
             if self.stochastic:
-                keep = torch.empty_like(u).bernoulli_(1 - self.p, generator=gen)
-                z = self.lora_A(u * keep / (1 - self.p))
+                z = self.lora_A(dropout(u, self.p, seed, stream=j))
             assert z is not None
             y = w[..., j : j + 1] * head(z)
             out = y if out is None else out + y

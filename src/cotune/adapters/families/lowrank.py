@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cotune.adapters.base import Adapter, AdapterConfig, register
+from cotune.adapters.draws import dropout
 from cotune.errors import CotuneError
 
 #: PEFT's own defaults for these architectures (query/value attention projections).
@@ -20,14 +21,6 @@ LORA_DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "llama": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
 }
-
-
-def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Inverted dropout drawn from ``generator`` so that a fitter can replay the server's mask."""
-    if p <= 0:
-        return x
-    keep = torch.empty_like(x).bernoulli_(1 - p, generator=generator)
-    return x * keep / (1 - p)
 
 
 @dataclass
@@ -60,7 +53,7 @@ class LowRank(Adapter):
 
     def forward(self, u: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         if self.stochastic:
-            u = dropout(u, self.p, self.generator(seed, u.device))
+            u = dropout(u, self.p, seed)
         return self.lora_B(self.lora_A(u))
 
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
