@@ -449,6 +449,8 @@ def main(argv: list[str]) -> int:
             if folder == out:
                 note = saved.get("note")
             for r in saved["results"]:
+                if saved.get("machine") and "measured_on" not in r:  # the top-level stamp is the report's
+                    r["measured_on"] = saved["machine"]
                 merged[(r["suite"], r["task"], r.get("method"), r.get("engine"))] = r
             # cells that ended but were never recorded (their parent stopped first) come back from their logs
             for run in sorted((folder / "runs").glob("*")) if (folder / "runs").is_dir() else []:

@@ -88,13 +88,16 @@ def test_quality_smoke(tmp_path) -> None:
     other = tmp_path / "rerun"
     rerun = dict(res["zo"], best=0.987654)
     other.mkdir()
-    (other / "results.json").write_text(json.dumps({"results": [rerun]}))
+    (other / "results.json").write_text(json.dumps({"machine": {"measured_at": "elsewhere"}, "results": [rerun]}))
     saved = json.loads((out / "results.json").read_text())
     (out / "results.json").write_text(json.dumps(dict(saved, note="where these cells came from")))
     assert quality.main(["--report", "--out", str(tmp_path), "--smoke", "--merge", str(other)]) == 0
     assert json.loads((out / "results.json").read_text())["note"] == "where these cells came from"  # kept
     merged = json.loads((out / "results.json").read_text())["results"]
     assert len(merged) == 3 and sorted(r["best"] for r in merged if r["engine"] == "zo") == [0.987654]
+    # each cell keeps the machine it was measured on; the file's own stamp is now the report's
+    on = {r["engine"]: r["measured_on"] for r in merged}
+    assert on["zo"] == {"measured_at": "elsewhere"} and on["backprop"] == saved["machine"]
     assert "98.8" in (out / "table.md").read_text()
     # a cell that ended but never reached results.json (its parent stopped) is rebuilt from its run's log
     kept = [r for r in merged if r["engine"] != "backprop"]
