@@ -73,3 +73,12 @@ def test_cuda_mask_equals_cpu_mask():
         cpu = keep_mask(like, 0.1, seed, stream)
         gpu = keep_mask(like.cuda(), 0.1, seed, stream).cpu()
         assert torch.equal(cpu, gpu)
+
+
+def test_adapter_generator_is_a_cpu_generator_replaying_its_seed():
+    from cotune.adapters.base import Adapter
+
+    assert Adapter.generator(None) is None  # unseeded calls use the global CPU RNG
+    g1, g2 = Adapter.generator(2**40 + 3), Adapter.generator(2**40 + 3)
+    assert g1.device == torch.device("cpu")
+    assert torch.equal(torch.randint(7, (50,), generator=g1), torch.randint(7, (50,), generator=g2))

@@ -118,3 +118,17 @@ def test_adakron_flags_train_from_the_command_line(tmp_path, shared_data):
 def test_a_family_option_at_the_top_level_names_its_place():
     with pytest.raises(CotuneError, match=r"set method.options.inference_level"):
         load_config(None, ["task.data=x", "method.name=kron", "inference_level=3"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("level", [0, 1])
+def test_seeded_draws_are_the_same_on_cuda_as_on_cpu(level):
+    """Training draws (replayed by a CPU fitter) and eval routing come from a CPU generator on any device."""
+    ad = _kron(r=8, num_experts=2, sharing_up=True, inference_level=level)
+    u = torch.randn(6, 5, 16)
+    with torch.no_grad():
+        cpu_train, cpu_eval = ad.train()(u, seed=11), ad.eval()(u, seed=11)
+        ad.cuda()
+        gpu_train, gpu_eval = ad.train()(u.cuda(), seed=11).cpu(), ad.eval()(u.cuda(), seed=11).cpu()
+    torch.testing.assert_close(gpu_train, cpu_train, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gpu_eval, cpu_eval, rtol=1e-4, atol=1e-5)

@@ -78,7 +78,7 @@ class Adapter(nn.Module):
     and ``scaling`` (``s``), and, when ``g`` is linear in ``u``, ``delta_weight()`` for merging.
 
     Stochastic families (dropout, expert draws) set ``stochastic = True`` and draw only from the call's
-    ``seed``: masks with :mod:`cotune.adapters.draws`, small integer draws from ``self.generator(seed, cpu)``.
+    ``seed``: masks with :mod:`cotune.adapters.draws`, small integer draws from ``self.generator(seed)``.
     The site passes a fresh seed per call and the engines replay the same seed off the server, on any
     device, which is what keeps gradient learning equal to backprop.
     """
@@ -101,11 +101,15 @@ class Adapter(nn.Module):
         return False
 
     @staticmethod
-    def generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-        """A generator seeded for one call, or ``None`` (global RNG) when no seed is given."""
+    def generator(seed: int | None) -> torch.Generator | None:
+        """A CPU generator seeded for one call, or ``None`` (the global CPU RNG) when no seed is given.
+
+        Always on the CPU: device generators draw different numbers from the same seed, so a draw made on
+        a GPU server could not be replayed by a fitter on the user's CPU. Move the drawn indices instead.
+        """
         if seed is None:
             return None
-        g = torch.Generator(device=device)
+        g = torch.Generator()
         g.manual_seed(int(seed))
         return g
 

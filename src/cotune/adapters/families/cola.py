@@ -7,7 +7,7 @@ Strategies (how A's and B's pair up; each pair ``(i, j)`` contributes ``B_j A_i 
 * ``full`` (default, the reference's active one): every pair, ``g(x) = Σ_j B_j Σ_i A_i x``; mergeable as
   ``ΔW = s·(Σ_j B_j)(Σ_i A_i)``.
 * ``random``: in training each ``A_i`` is paired with one ``B`` drawn uniformly (with replacement) per
-  forward call, the draw coming only from ``self.generator(seed, cpu)`` so that gradient learning can
+  forward call, the draw coming only from ``self.generator(seed)`` (a CPU generator) so that gradient learning can
   replay it on any device (``stochastic`` is true). In eval mode the adapter applies the expectation over draws,
   ``(1/N)(Σ_j B_j)(Σ_i A_i)`` (deterministic; also what ``merge`` folds in).
 * ``heuristic``: ``k = N // M``; ``A_i`` is paired with ``B_{ik} … B_{ik+k−1}``; the ``N − Mk`` leftover
@@ -275,7 +275,7 @@ class Cola(Adapter):
             return self._full(u) / self.config.num_B
         if self.strategy == "full" and not (self.training and self.p > 0):
             return self._full(u)
-        groups = self.pairs(self.generator(seed, torch.device("cpu")))
+        groups = self.pairs(self.generator(seed))
         out: torch.Tensor | None = None
         for i, js in enumerate(groups):
             if not js:

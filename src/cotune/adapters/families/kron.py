@@ -200,10 +200,10 @@ class Kron(Adapter):
         """The experts one training call uses: ``{group: expert}`` for every group with E > 1.
 
         Groups draw independently and uniformly, in the fixed order ``down_a`` then ``down_v``, from a CPU
-        ``generator(seed)`` only (the global CPU RNG when ``seed`` is ``None``): the same draws wherever the
+        ``generator(seed)`` only (a CPU generator; the global CPU RNG when ``seed`` is ``None``): the same draws wherever the
         adapter runs, so a fitter on a user's CPU replays a GPU server's.
         """
-        gen = self.generator(seed, torch.device("cpu"))
+        gen = self.generator(seed)
         out: dict[str, int] = {}
         for name in ("down_a", "down_v"):
             n = len(getattr(self, name))
@@ -225,7 +225,7 @@ class Kron(Adapter):
 
     def _routed_eval(self, u: torch.Tensor, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval with AdaMix's random routing: one expert per token (level 0) or per sequence (level 1)."""
-        gen = self.generator(seed, u.device)
+        gen = self.generator(seed)
         # Level 1: one draw per leading (sequence) index, shared by its tokens; level 0: one per token.
         shape = u.shape[:-1] if self.config.inference_level == 0 else (*u.shape[:1], *([1] * (u.dim() - 2)))
         out = []
@@ -234,7 +234,7 @@ class Kron(Adapter):
             if n == 1:
                 out.append(F.linear(u, factor.weight[0], factor.bias[0]))
             else:
-                idx = torch.randint(n, shape, generator=gen, device=u.device)
+                idx = torch.randint(n, shape, generator=gen).to(u.device)
                 out.append(factor.routed(u, idx))
         return out[0], out[1]
 
