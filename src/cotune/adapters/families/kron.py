@@ -199,8 +199,8 @@ class Kron(Adapter):
     def draw(self, seed: int | None) -> dict[str, int]:
         """The experts one training call uses: ``{group: expert}`` for every group with E > 1.
 
-        Groups draw independently and uniformly, in the fixed order ``down_a`` then ``down_v``, from a CPU
-        ``generator(seed)`` only (a CPU generator; the global CPU RNG when ``seed`` is ``None``): the same draws wherever the
+        Groups draw independently and uniformly, in the fixed order ``down_a`` then ``down_v``, from the CPU
+        ``generator(seed)`` only (the global CPU RNG when ``seed`` is ``None``): the same draws wherever the
         adapter runs, so a fitter on a user's CPU replays a GPU server's.
         """
         gen = self.generator(seed)
