@@ -230,11 +230,10 @@ class Kron(Adapter):
         shape = u.shape[:-1] if self.config.inference_level == 0 else (*u.shape[:1], *([1] * (u.dim() - 2)))
         out = []
         for factor in (self.down_a, self.down_v):
-            n = len(factor)
-            if n == 1:
-                out.append(F.linear(u, factor.weight[0], factor.bias[0]))
+            if len(factor) == 1:
+                out.append(F.linear(u, *factor.expert(0)))
             else:
-                idx = torch.randint(n, shape, generator=gen).to(u.device)
+                idx = torch.randint(len(factor), shape, generator=gen).to(u.device)
                 out.append(factor.routed(u, idx))
         return out[0], out[1]
 
