@@ -352,13 +352,20 @@ def llm_table(results: list[dict[str, Any]]) -> str:
     return markdown_table(headers, rows, digits=1)
 
 
+def curve_by_update(r: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """A GLUE cell's dev curve against optimizer updates: its steps count micro-batches, ``I`` of them per update
+    for ``gl4`` (``GL_INTERVAL``), so cells of different intervals line up where their schedules do."""
+    interval = GL_INTERVAL.get(r["engine"], 1)
+    return [step / interval for step, _ in r["curve"]], [score for _, score in r["curve"]]
+
+
 def plot_curves(results: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Per task: dev metric vs step, one line per method/engine; per method: training loss vs step."""
+    """Per task: dev metric vs optimizer update, one line per method/engine; per method: training loss vs step."""
     paths = []
     for task in sorted({r["task"] for r in results if r["suite"] == "glue"}):
         rs = [r for r in results if r["task"] == task and r["suite"] == "glue"]
-        curves = {f"{r['method']} {r['engine']}": tuple(zip(*r["curve"])) for r in rs if r["curve"]}
-        paths.append(line_plot(out / f"curve_{task}.png", curves, "step", GLUE_TASKS[task][1],
+        curves = {f"{r['method']} {r['engine']}": curve_by_update(r) for r in rs if r["curve"]}
+        paths.append(line_plot(out / f"curve_{task}.png", curves, "optimizer update", GLUE_TASKS[task][1],
                                f"{task}: validation {GLUE_TASKS[task][1]} (MiniLM)"))
     for method in sorted({r["method"] for r in results}):
         rs = [r for r in results if r["method"] == method and r["loss"]]

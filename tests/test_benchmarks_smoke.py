@@ -138,6 +138,16 @@ def test_quality_methods_train_at_their_family_default_lr_and_the_claim_preset_r
     assert cfg.engine.name == "gl" and cfg.engine.options["interval"] == 4 and cfg.optim.warmup_steps == 1
 
 
+def test_quality_curves_put_cells_of_different_intervals_on_one_update_axis(tmp_path) -> None:
+    """gl4's 2,880 micro-batches are backprop's 720-update schedule, so its dev curve must plot at those updates."""
+    bp = quality.glue_config("stsb", "linear", "backprop", 720, 16, 128, 0, str(tmp_path / "bp"), 240)
+    gl4 = quality.glue_config("stsb", "linear", "gl4", 2880, 16, 128, 0, str(tmp_path / "gl4"), 960)
+    assert bp.optim.warmup_steps == gl4.optim.warmup_steps == 72
+    curve = [[960, 0.78], [1920, 0.82], [2880, 0.83]]
+    assert quality.curve_by_update({"engine": "gl4", "curve": curve}) == ([240, 480, 720], [0.78, 0.82, 0.83])
+    assert quality.curve_by_update({"engine": "backprop", "curve": curve}) == ([960, 1920, 2880], [0.78, 0.82, 0.83])
+
+
 def test_quality_lr_replaces_every_cells_family_default(tmp_path, monkeypatch) -> None:
     """``--lr`` reaches each cell (a claim's column at another rate); without it a cell gets None, its default."""
     seen: list[dict] = []
