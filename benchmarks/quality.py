@@ -352,26 +352,36 @@ def llm_table(results: list[dict[str, Any]]) -> str:
     return markdown_table(headers, rows, digits=1)
 
 
-def curve_by_update(r: dict[str, Any]) -> tuple[list[float], list[float]]:
-    """A GLUE cell's dev curve against optimizer updates: its steps count micro-batches, ``I`` of them per update
-    for ``gl4`` (``GL_INTERVAL``), so cells of different intervals line up where their schedules do."""
+def curve_by_update(r: dict[str, Any], series: str = "curve") -> tuple[list[float], list[float]]:
+    """A cell's dev curve (or, with ``series="loss"``, its training loss) against optimizer updates: its steps
+    count micro-batches, ``I`` of them per update for ``gl4`` (``GL_INTERVAL``), so cells of different intervals
+    line up where their schedules do (and ``gl4`` lines up with backprop at ``I`` times its batch)."""
     interval = GL_INTERVAL.get(r["engine"], 1)
-    return [step / interval for step, _ in r["curve"]], [score for _, score in r["curve"]]
+    return [step / interval for step, _ in r[series]], [value for _, value in r[series]]
 
 
 def plot_curves(results: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Per task: dev metric vs optimizer update, one line per method/engine; per method: training loss vs step."""
+    """Per task: dev metric vs optimizer update, one line per method/engine; per method: training loss vs update.
+    A line names its rows per update where the cells of a plot differ in them (``gl4`` steps once per ``I``
+    micro-batches)."""
+    def rows(r: dict[str, Any]) -> int | None:
+        batch = r.get("config", {}).get("batch_size")
+        return batch and batch * GL_INTERVAL.get(r["engine"], 1)
+
+    def label(r: dict[str, Any], name: str, rs: list[dict[str, Any]]) -> str:
+        return f"{name}, {rows(r)} rows/update" if len({rows(c) for c in rs}) > 1 else name
+
     paths = []
     for task in sorted({r["task"] for r in results if r["suite"] == "glue"}):
-        rs = [r for r in results if r["task"] == task and r["suite"] == "glue"]
-        curves = {f"{r['method']} {r['engine']}": curve_by_update(r) for r in rs if r["curve"]}
+        rs = [r for r in results if r["task"] == task and r["suite"] == "glue" and r["curve"]]
+        curves = {label(r, f"{r['method']} {r['engine']}", rs): curve_by_update(r) for r in rs}
         paths.append(line_plot(out / f"curve_{task}.png", curves, "optimizer update", GLUE_TASKS[task][1],
                                f"{task}: validation {GLUE_TASKS[task][1]} (MiniLM)"))
     for method in sorted({r["method"] for r in results}):
         rs = [r for r in results if r["method"] == method and r["loss"]]
-        curves = {f"{r['task']} {r['engine']}": tuple(zip(*r["loss"])) for r in rs}
-        paths.append(line_plot(out / f"loss_{method}.png", curves, "step", "training loss (mean over log window)",
-                               f"{method}: training loss"))
+        curves = {label(r, f"{r['task']} {r['engine']}", rs): curve_by_update(r, "loss") for r in rs}
+        paths.append(line_plot(out / f"loss_{method}.png", curves, "optimizer update",
+                               "training loss (mean over log window)", f"{method}: training loss"))
     return paths
 
 

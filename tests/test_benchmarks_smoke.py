@@ -138,7 +138,7 @@ def test_quality_methods_train_at_their_family_default_lr_and_the_claim_preset_r
     assert cfg.engine.name == "gl" and cfg.engine.options["interval"] == 4 and cfg.optim.warmup_steps == 1
 
 
-def test_quality_curves_put_cells_of_different_intervals_on_one_update_axis(tmp_path) -> None:
+def test_quality_curves_put_cells_of_different_intervals_on_one_update_axis(tmp_path, monkeypatch) -> None:
     """gl4's 2,880 micro-batches are backprop's 720-update schedule, so its dev curve must plot at those updates."""
     bp = quality.glue_config("stsb", "linear", "backprop", 720, 16, 128, 0, str(tmp_path / "bp"), 240)
     gl4 = quality.glue_config("stsb", "linear", "gl4", 2880, 16, 128, 0, str(tmp_path / "gl4"), 960)
@@ -146,6 +146,18 @@ def test_quality_curves_put_cells_of_different_intervals_on_one_update_axis(tmp_
     curve = [[960, 0.78], [1920, 0.82], [2880, 0.83]]
     assert quality.curve_by_update({"engine": "gl4", "curve": curve}) == ([240, 480, 720], [0.78, 0.82, 0.83])
     assert quality.curve_by_update({"engine": "backprop", "curve": curve}) == ([960, 1920, 2880], [0.78, 0.82, 0.83])
+    loss = [[10, 9.2], [20, 8.6]]  # logged every 10 micro-batches: 2.5 updates apart under I = 4
+    assert quality.curve_by_update({"engine": "gl4", "loss": loss}, "loss") == ([2.5, 5.0], [9.2, 8.6])
+    plotted: dict[str, dict] = {}
+    monkeypatch.setattr(quality, "line_plot", lambda path, curves, *a: plotted.update({Path(path).name: curves}))
+    cells = [{"suite": "glue", "task": "stsb", "method": "linear", "engine": e, "curve": curve, "loss": loss,
+              "config": {"batch_size": b}} for e, b in (("gl4", 16), ("backprop", 16))]
+    quality.plot_curves(cells, tmp_path)  # 64 and 16 rows per update: each line says which
+    assert set(plotted["curve_stsb.png"]) == {"linear gl4, 64 rows/update", "linear backprop, 16 rows/update"}
+    assert plotted["loss_linear.png"]["stsb gl4, 64 rows/update"] == ([2.5, 5.0], [9.2, 8.6])
+    cells[1]["config"]["batch_size"] = 64  # backprop at batch 64 is gl4's update: the labels need not say it
+    quality.plot_curves(cells, tmp_path)
+    assert set(plotted["curve_stsb.png"]) == {"linear gl4", "linear backprop"}
 
 
 def test_quality_lr_replaces_every_cells_family_default(tmp_path, monkeypatch) -> None:
