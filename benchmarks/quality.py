@@ -12,6 +12,7 @@ the Alpaca demo and MMLU), in the style of the AdaKron/LoRETTA result tables.
     python -m benchmarks quality --jobs 2 ...          # two cells at once (one per core, 1 thread each)
     python -m benchmarks quality --report --merge runs/bench/other   # one table from several output folders
     python -m benchmarks quality --report --preset cola_aux --tasks stsb --out DIR --merge ...   # one claim's cells
+    python -m benchmarks quality --report ... --merge SEED0 SEED1 SEED2   # + each seed, mean ± sd, paired gap to LoRA
 
 Every cell is one ``cotune.training.train`` run (the same loop as ``cotune train``) with FIXED budgets: seed 0,
 ``--steps`` optimizer steps (default 300) of batch 16, max_length 128, evaluation on the validation split
@@ -44,11 +45,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import yaml
 
 from benchmarks._common import (
     DATA,
@@ -241,12 +246,13 @@ def cell_from_log(run: Path) -> dict[str, Any] | None:
     if start is None or end is None or not scored:
         return None
     best = max(scored, key=lambda e: e[metric])  # max() keeps the first of equal scores, as the trainer does
+    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
     return {
         "suite": "glue", "task": task, "method": method, "engine": engine, "metric": metric,
         "best": best[metric], "best_step": best["step"],
         "validation": {k: v for k, v in best.items() if k not in ("type", "step", "split")},
         "trainable_params": start["trainable_parameters"], "train_seconds": end["seconds"], "steps": end["step"],
-        **_curves(evals, trains, metric), "recovered_from": str(log),
+        **_curves(evals, trains, metric), "config": config, "recovered_from": str(log),
     }
 
 
@@ -314,21 +320,72 @@ def run_llm_cell(data: str, steps: int, batch: int, seed: int, out: str, eval_li
 
 
 # -- tables and plots --------------------------------------------------------------------------------------------
+def seed_of(r: dict[str, Any]) -> int:
+    """The seed a cell trained with (its recorded config; a failed cell records it beside its error)."""
+    return r.get("config", {}).get("seed", r.get("seed", 0))
+
+
+def rate_of(r: dict[str, Any]) -> str:
+    """A cell's learning rate as its config ran it, written the way the docs write rates (``3e-3``)."""
+    lr = r.get("config", {}).get("optim", {}).get("lr", r.get("lr"))
+    return "—" if lr is None else np.format_float_scientific(lr, trim="-", exp_digits=1)
+
+
 def glue_table(results: list[dict[str, Any]]) -> str:
-    """Rows: method (engine); columns: trainable parameters, each task's best dev score ×100, average."""
+    """Rows: method (engine); columns: trainable parameters, each task's best dev score ×100 (the mean over seeds
+    where a method ran several; ``seeds_table`` gives each), average."""
     tasks = [t for t in GLUE_TASKS if any(r["task"] == t for r in results)]
     keys = sorted({(r["method"], r["engine"]) for r in results},
                   key=lambda k: (list(METHODS).index(k[0]), ENGINES.index(k[1])))
-    headers = ["method", "engine", "# params (K)", *(GLUE_TASKS[t][2] for t in tasks), "Avg.", "train s/cell"]
+    several = len({seed_of(r) for r in results}) > 1
+    headers = ["method", "engine", "# params (K)", *(GLUE_TASKS[t][2] for t in tasks), "Avg.", "train s/cell",
+               *(["seeds"] if several else [])]
     rows = []
     for m, e in keys:
-        cells = {r["task"]: r for r in results if r["method"] == m and r["engine"] == e}
-        scores = [100 * cells[t]["best"] if t in cells and cells[t]["best"] is not None else None for t in tasks]
+        cells = [r for r in results if r["method"] == m and r["engine"] == e]
+        scores = []
+        for t in tasks:
+            best = [r["best"] for r in cells if r["task"] == t and r["best"] is not None]
+            scores.append(100 * sum(best) / len(best) if best else None)
         got = [s for s in scores if s is not None]
-        params = max(r["trainable_params"] for r in cells.values()) / 1000  # heads differ per task (STS-B: 1)
-        secs = sum(r["train_seconds"] for r in cells.values()) / len(cells)
-        rows.append([m, e, params, *scores, sum(got) / len(got) if len(got) == len(tasks) else None, secs])
+        params = max(r["trainable_params"] for r in cells) / 1000  # heads differ per task (STS-B: 1)
+        secs = sum(r["train_seconds"] for r in cells) / len(cells)
+        rows.append([m, e, params, *scores, sum(got) / len(got) if len(got) == len(tasks) else None, secs,
+                     *([len({seed_of(r) for r in cells})] if several else [])])
     return markdown_table(headers, rows, digits=1)
+
+
+def seeds_table(results: list[dict[str, Any]], baseline: str = "lowrank") -> str:
+    """Per task, one row per method, engine, rate and budget: each seed's best dev score ×100, the mean ± sample
+    sd, and the gap to ``baseline`` (its backprop row) seed by seed (baseline minus row: positive is behind), the
+    mean gap and the two-sided paired t-test's p over the seeds both ran (``scipy.stats.ttest_rel``)."""
+    from scipy.stats import ttest_rel
+
+    text = []
+    for task in [t for t in GLUE_TASKS if any(r["task"] == t for r in results)]:
+        rs = sorted((r for r in results if r["task"] == task and r["best"] is not None),
+                    key=lambda r: (list(METHODS).index(r["method"]), ENGINES.index(r["engine"])))
+        seeds = sorted({seed_of(r) for r in rs})
+        groups: dict[tuple, dict[int, float]] = {}
+        for r in rs:
+            groups.setdefault((r["method"], r["engine"], rate_of(r), r["steps"]), {})[seed_of(r)] = 100 * r["best"]
+        base = max((g for k, g in groups.items() if k[:2] == (baseline, "backprop")), key=len, default={})
+        rows = []
+        for (m, e, lr, steps), by_seed in groups.items():
+            vals = list(by_seed.values())
+            sd = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+            paired = [s for s in seeds if s in by_seed and s in base]
+            gaps = [base[s] - by_seed[s] for s in paired]
+            p = None
+            if by_seed is not base and len(paired) > 1 and len(set(gaps)) > 1:
+                p = f"{ttest_rel([base[s] for s in paired], [by_seed[s] for s in paired]).pvalue:.2f}"
+            rows.append([m, e, lr, steps, *(by_seed.get(s) for s in seeds), f"{statistics.mean(vals):.1f}{sd}",
+                         " / ".join(f"{g:.1f}" for g in gaps) if by_seed is not base else None,
+                         statistics.mean(gaps) if gaps and by_seed is not base else None, p])
+        headers = ["method", "engine", "lr", "steps", *(f"seed {s}" for s in seeds), "mean ± sd",
+                   f"gap to {baseline}, per seed", "mean gap", "p (paired t)"]
+        text.append(f"{GLUE_TASKS[task][2]}, best dev score per seed\n\n" + markdown_table(headers, rows, digits=1))
+    return "\n\n".join(text)
 
 
 def llm_table(results: list[dict[str, Any]]) -> str:
@@ -363,13 +420,15 @@ def curve_by_update(r: dict[str, Any], series: str = "curve") -> tuple[list[floa
 def plot_curves(results: list[dict[str, Any]], out: Path) -> list[Path]:
     """Per task: dev metric vs optimizer update, one line per method/engine; per method: training loss vs update.
     A line names its rows per update where the cells of a plot differ in them (``gl4`` steps once per ``I``
-    micro-batches)."""
+    micro-batches), and its seed where they differ in seeds."""
     def rows(r: dict[str, Any]) -> int | None:
         batch = r.get("config", {}).get("batch_size")
         return batch and batch * GL_INTERVAL.get(r["engine"], 1)
 
     def label(r: dict[str, Any], name: str, rs: list[dict[str, Any]]) -> str:
-        return f"{name}, {rows(r)} rows/update" if len({rows(c) for c in rs}) > 1 else name
+        if len({rows(c) for c in rs}) > 1:
+            name += f", {rows(r)} rows/update"
+        return name + f", seed {seed_of(r)}" if len({seed_of(c) for c in rs}) > 1 else name
 
     paths = []
     for task in sorted({r["task"] for r in results if r["suite"] == "glue"}):
@@ -377,6 +436,12 @@ def plot_curves(results: list[dict[str, Any]], out: Path) -> list[Path]:
         curves = {label(r, f"{r['method']} {r['engine']}", rs): curve_by_update(r) for r in rs}
         paths.append(line_plot(out / f"curve_{task}.png", curves, "optimizer update", GLUE_TASKS[task][1],
                                f"{task}: validation {GLUE_TASKS[task][1]} (MiniLM)"))
+        if len({seed_of(r) for r in rs}) > 1:  # one line per method across seeds: the pairing shows
+            by_method: dict[str, list[tuple[int, float]]] = {}
+            for r in sorted(rs, key=seed_of):
+                by_method.setdefault(f"{r['method']} {r['engine']} {rate_of(r)}", []).append((seed_of(r), r["best"]))
+            paths.append(line_plot(out / f"seeds_{task}.png", {k: tuple(zip(*v)) for k, v in by_method.items()},
+                                   "seed", f"best {GLUE_TASKS[task][1]}", f"{task}: best validation score per seed"))
     for method in sorted({r["method"] for r in results}):
         rs = [r for r in results if r["method"] == method and r["loss"]]
         curves = {label(r, f"{r['task']} {r['engine']}", rs): curve_by_update(r, "loss") for r in rs}
@@ -432,8 +497,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="only rebuild table.md and the plots from results.json")
     p.add_argument("--merge", nargs="+", default=[], metavar="DIR",
                    help="with --report: also take the cells of these output folders (a later cell replaces an "
-                        "earlier one with the same task, method and engine, e.g. a rerun of a failed cell); "
-                        "--preset/--tasks/--methods/--engines then choose which GLUE cells are kept")
+                        "earlier one with the same task, method, engine and seed, e.g. a rerun of a failed cell; "
+                        "cells of several seeds add a table of each seed, mean, sd and the paired gap to "
+                        "--baseline); --preset/--tasks/--methods/--engines then choose which GLUE cells are kept")
+    p.add_argument("--baseline", default="lowrank", choices=list(METHODS),
+                   help="with several seeds: the method (backprop) each row's per-seed gap and paired t-test use")
     return p.parse_args(argv)
 
 
@@ -468,23 +536,23 @@ def main(argv: list[str]) -> int:
             for r in saved["results"]:
                 if saved.get("machine") and "measured_on" not in r:  # the top-level stamp is the report's
                     r["measured_on"] = saved["machine"]
-                merged[(r["suite"], r["task"], r.get("method"), r.get("engine"))] = r
+                merged[(r["suite"], r["task"], r.get("method"), r.get("engine"), seed_of(r))] = r
             # cells that ended but were never recorded (their parent stopped first) come back from their logs
             for run in sorted((folder / "runs").glob("*")) if (folder / "runs").is_dir() else []:
                 r = cell_from_log(run)
                 if r is None:
                     continue
-                key = ("glue", r["task"], r["method"], r["engine"])
+                key = ("glue", r["task"], r["method"], r["engine"], seed_of(r))
                 if key not in merged or "error" in merged[key]:
                     merged[key] = r
                     print(f"recovered {run.name} from its log")
         if args.preset != "budget" or args.tasks or args.methods or args.engines:  # one claim's table from many runs
             wanted = set(glue_cells(args))
-            merged = {k: r for k, r in merged.items() if k[0] != "glue" or k[1:] in wanted}
+            merged = {k: r for k, r in merged.items() if k[0] != "glue" or k[1:4] in wanted}
         if args.merge or any("recovered_from" in r for r in merged.values()):
             write_json(out / "results.json", {"machine": machine(), **({"note": note} if note else {}),
                                               "merged_from": [str(out), *args.merge], "results": list(merged.values())})
-        return report(list(merged.values()), out)
+        return report(list(merged.values()), out, args.baseline)
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
 
@@ -512,7 +580,8 @@ def main(argv: list[str]) -> int:
                      else run_isolated("benchmarks.quality:run_cell", kw, timeout=args.cell_timeout))
             except (RuntimeError, subprocess.TimeoutExpired) as e:  # a failed cell must not lose the others
                 print(f"  {task:5} {method:12} {engine:8} FAILED: {str(e).splitlines()[-1]}", flush=True)
-                return {"suite": "glue", "task": task, "method": method, "engine": engine, "error": str(e)[-2000:]}
+                return {"suite": "glue", "task": task, "method": method, "engine": engine, "seed": args.seed,
+                        "error": str(e)[-2000:]}
             print(f"  {task:5} {method:12} {engine:8} best {r['metric']} {r['best']:.4f} (step {r['best_step']}) "
                   f"params {r['trainable_params']}  {time.perf_counter() - t0:.0f} s", flush=True)
             return r
@@ -557,12 +626,16 @@ def main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def report(results: list[dict[str, Any]], out: Path) -> int:
-    """Print and write the tables and plots of ``results`` (failed cells are listed, not scored)."""
+def report(results: list[dict[str, Any]], out: Path, baseline: str = "lowrank") -> int:
+    """Print and write the tables and plots of ``results`` (failed cells are listed, not scored); cells of
+    several seeds add ``seeds_table`` with its gaps to ``baseline``."""
     ok = [r for r in results if "error" not in r]
+    glue = [r for r in ok if r["suite"] == "glue"]
     text = []
-    if any(r["suite"] == "glue" for r in ok):
-        text.append(glue_table([r for r in ok if r["suite"] == "glue"]))
+    if glue:
+        text.append(glue_table(glue))
+    if len({seed_of(r) for r in glue}) > 1:
+        text.append(seeds_table(glue, baseline))
     if any(r["suite"] == "llm" for r in ok):
         text.append(llm_table([r for r in ok if r["suite"] == "llm"]))
     print()

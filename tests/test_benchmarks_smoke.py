@@ -160,6 +160,51 @@ def test_quality_curves_put_cells_of_different_intervals_on_one_update_axis(tmp_
     assert set(plotted["curve_stsb.png"]) == {"linear gl4", "linear backprop"}
 
 
+def test_quality_report_keeps_each_seed_and_tables_their_paired_gaps(tmp_path) -> None:
+    """ColA's three committed four-epoch seeds merge into one table: each seed's score, mean ± sd and the gap to
+    LoRA with a paired t-test, all recomputed here from the raw cells by the textbook formulas; a later cell of
+    the same seed still replaces an earlier one."""
+    import statistics
+
+    from scipy.stats import t as student_t
+
+    claim = Path(__file__).resolve().parents[1] / "docs/results/claims/cola_aux_stsb/epochs_4"
+    folders = [claim, claim / "seed_1", claim / "seed_2"]
+    raw = [r for f in folders for r in json.loads((f / "results.json").read_text())["results"]]
+    best = {(r["method"], r["config"]["seed"]): 100 * r["best"] for r in raw}
+    assert len(best) == 9
+    rerun = tmp_path / "rerun"  # seed 2's linear cell again, scoring 1.0: it must replace the committed one
+    cell = next(r for r in raw if r["method"] == "linear" and r["config"]["seed"] == 2)
+    rerun.mkdir()
+    (rerun / "results.json").write_text(json.dumps({"results": [{**cell, "best": 0.90}]}))
+    best["linear", 2] = 90.0
+    out = tmp_path / "seeds"
+    argv = ["--report", "--preset", "cola_aux", "--engines", "backprop", "--tasks", "stsb", "--out", str(out)]
+    assert quality.main([*argv, "--merge", *map(str, folders), str(rerun)]) == 0
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in (out / "table.md").read_text().split("best dev score per seed")[1].splitlines()
+            if line.startswith("| ") and "method" not in line}
+    assert set(rows) == {"lowrank", "linear", "mlp"}
+    for method in ("lowrank", "linear", "mlp"):
+        vals = [best[method, s] for s in range(3)]
+        engine, lr, steps, *seeds, mean_sd, gaps, mean_gap, p = rows[method]
+        assert (engine, steps, lr) == ("backprop", "1440", "3e-3" if method == "lowrank" else "3e-4")
+        assert seeds == [f"{v:.1f}" for v in vals]
+        mean = sum(vals) / 3
+        assert mean_sd == f"{mean:.1f} ± {(sum((v - mean) ** 2 for v in vals) / 2) ** 0.5:.1f}"
+        if method == "lowrank":
+            assert (gaps, mean_gap, p) == ("—", "—", "—")
+            continue
+        d = [best["lowrank", s] - best[method, s] for s in range(3)]
+        tstat = statistics.mean(d) / (statistics.stdev(d) / 3**0.5)
+        assert gaps == " / ".join(f"{x:.1f}" for x in d) and mean_gap == f"{sum(d) / 3:.1f}"
+        assert p == f"{2 * student_t.sf(abs(tstat), df=2):.2f}"
+    assert "| 3     |" in (out / "table.md").read_text().split("best dev score per seed")[0]  # the seeds column
+    assert (out / "seeds_stsb.png").exists()
+    merged = json.loads((out / "results.json").read_text())["results"]
+    assert sorted((r["method"], r["config"]["seed"]) for r in merged) == sorted(best)  # 9 cells, none lost
+
+
 def test_quality_lr_replaces_every_cells_family_default(tmp_path, monkeypatch) -> None:
     """``--lr`` reaches each cell (a claim's column at another rate); without it a cell gets None, its default."""
     seen: list[dict] = []
