@@ -308,6 +308,9 @@ def line_plot(
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, (xs, ys) in curves.items():
         ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)
+    ticks = sorted({x for xs, _ in curves.values() for x in xs})
+    if len(ticks) <= 8 and all(float(x).is_integer() for x in ticks):  # a few whole-number points: seeds, evals
+        ax.set_xticks(ticks)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
