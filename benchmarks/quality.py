@@ -48,6 +48,7 @@ import json
 import statistics
 import subprocess
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -331,18 +332,31 @@ def rate_of(r: dict[str, Any]) -> str:
     return "—" if lr is None else np.format_float_scientific(lr, trim="-", exp_digits=1)
 
 
+def cell_key(r: dict[str, Any]) -> tuple:
+    """What makes two cells the same run: a later cell of the same key is a rerun and replaces the earlier one;
+    cells of another seed, rate or budget are kept beside it."""
+    return r["suite"], r["task"], r.get("method"), r.get("engine"), seed_of(r), rate_of(r), r.get("steps")
+
+
 def glue_table(results: list[dict[str, Any]]) -> str:
-    """Rows: method (engine); columns: trainable parameters, each task's best dev score ×100 (the mean over seeds
-    where a method ran several; ``seeds_table`` gives each), average."""
+    """Rows: method (engine), and its rate and budget where some method ran several; columns: trainable
+    parameters, each task's best dev score ×100 (the mean over seeds where a method ran several; ``seeds_table``
+    gives each), average."""
     tasks = [t for t in GLUE_TASKS if any(r["task"] == t for r in results)]
-    keys = sorted({(r["method"], r["engine"]) for r in results},
-                  key=lambda k: (list(METHODS).index(k[0]), ENGINES.index(k[1])))
+    configs = {(r["task"], r["method"], r["engine"], rate_of(r), r.get("steps")) for r in results}
+    by_config = len(configs) > len({c[:3] for c in configs})  # a method ran several rates or budgets on one task
+
+    def row_key(r: dict[str, Any]) -> tuple:
+        return (r["method"], r["engine"], *((rate_of(r), r.get("steps")) if by_config else ()))
+
+    keys = sorted({row_key(r) for r in results},
+                  key=lambda k: (list(METHODS).index(k[0]), ENGINES.index(k[1]), *k[2:]))
     several = len({seed_of(r) for r in results}) > 1
-    headers = ["method", "engine", "# params (K)", *(GLUE_TASKS[t][2] for t in tasks), "Avg.", "train s/cell",
-               *(["seeds"] if several else [])]
+    headers = ["method", "engine", *(["lr", "steps"] if by_config else []), "# params (K)",
+               *(GLUE_TASKS[t][2] for t in tasks), "Avg.", "train s/cell", *(["seeds"] if several else [])]
     rows = []
-    for m, e in keys:
-        cells = [r for r in results if r["method"] == m and r["engine"] == e]
+    for key in keys:
+        cells = [r for r in results if row_key(r) == key]
         scores = []
         for t in tasks:
             best = [r["best"] for r in cells if r["task"] == t and r["best"] is not None]
@@ -350,7 +364,7 @@ def glue_table(results: list[dict[str, Any]]) -> str:
         got = [s for s in scores if s is not None]
         params = max(r["trainable_params"] for r in cells) / 1000  # heads differ per task (STS-B: 1)
         secs = sum(r["train_seconds"] for r in cells) / len(cells)
-        rows.append([m, e, params, *scores, sum(got) / len(got) if len(got) == len(tasks) else None, secs,
+        rows.append([*key, params, *scores, sum(got) / len(got) if len(got) == len(tasks) else None, secs,
                      *([len({seed_of(r) for r in cells})] if several else [])])
     return markdown_table(headers, rows, digits=1)
 
@@ -358,7 +372,8 @@ def glue_table(results: list[dict[str, Any]]) -> str:
 def seeds_table(results: list[dict[str, Any]], baseline: str = "lowrank") -> str:
     """Per task, one row per method, engine, rate and budget: each seed's best dev score ×100, the mean ± sample
     sd, and the gap to ``baseline`` (its backprop row) seed by seed (baseline minus row: positive is behind), the
-    mean gap and the two-sided paired t-test's p over the seeds both ran (``scipy.stats.ttest_rel``)."""
+    mean gap and the two-sided paired t-test's p over the seeds both ran (``scipy.stats.ttest_rel``). A row pairs
+    with the baseline's cells of its own budget (steps), never across budgets."""
     from scipy.stats import ttest_rel
 
     text = []
@@ -369,9 +384,10 @@ def seeds_table(results: list[dict[str, Any]], baseline: str = "lowrank") -> str
         groups: dict[tuple, dict[int, float]] = {}
         for r in rs:
             groups.setdefault((r["method"], r["engine"], rate_of(r), r["steps"]), {})[seed_of(r)] = 100 * r["best"]
-        base = max((g for k, g in groups.items() if k[:2] == (baseline, "backprop")), key=len, default={})
         rows = []
         for (m, e, lr, steps), by_seed in groups.items():
+            base = max((g for k, g in groups.items() if k[:2] == (baseline, "backprop") and k[3] == steps),
+                       key=len, default={})
             vals = list(by_seed.values())
             sd = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
             paired = [] if by_seed is base else [s for s in seeds if s in by_seed and s in base]
@@ -419,7 +435,8 @@ def curve_by_update(r: dict[str, Any], series: str = "curve") -> tuple[list[floa
 def plot_curves(results: list[dict[str, Any]], out: Path) -> list[Path]:
     """Per task: dev metric vs optimizer update, one line per method/engine; per method: training loss vs update.
     A line names its rows per update where the cells of a plot differ in them (``gl4`` steps once per ``I``
-    micro-batches), and its seed where they differ in seeds."""
+    micro-batches), its seed where they differ in seeds, and its rate and steps where two lines would share a
+    name (one method at two budgets)."""
     def rows(r: dict[str, Any]) -> int | None:
         batch = r.get("config", {}).get("batch_size")
         return batch and batch * GL_INTERVAL.get(r["engine"], 1)
@@ -429,21 +446,28 @@ def plot_curves(results: list[dict[str, Any]], out: Path) -> list[Path]:
             name += f", {rows(r)} rows/update"
         return name + f", seed {seed_of(r)}" if len({seed_of(c) for c in rs}) > 1 else name
 
+    def named(pairs: list[tuple[str, dict[str, Any]]], series: str) -> dict[str, tuple[list[float], list[float]]]:
+        counts = Counter(name for name, _ in pairs)
+        return {name + (f", lr {rate_of(r)}, {r.get('steps')} steps" if counts[name] > 1 else ""):
+                curve_by_update(r, series) for name, r in pairs}
+
     paths = []
     for task in sorted({r["task"] for r in results if r["suite"] == "glue"}):
         rs = [r for r in results if r["task"] == task and r["suite"] == "glue" and r["curve"]]
-        curves = {label(r, f"{r['method']} {r['engine']}", rs): curve_by_update(r) for r in rs}
+        curves = named([(label(r, f"{r['method']} {r['engine']}", rs), r) for r in rs], "curve")
         paths.append(line_plot(out / f"curve_{task}.png", curves, "optimizer update", GLUE_TASKS[task][1],
                                f"{task}: validation {GLUE_TASKS[task][1]} (MiniLM)"))
         if len({seed_of(r) for r in rs}) > 1:  # one line per method across seeds: the pairing shows
             by_method: dict[str, list[tuple[int, float]]] = {}
             for r in sorted(rs, key=seed_of):
-                by_method.setdefault(f"{r['method']} {r['engine']} {rate_of(r)}", []).append((seed_of(r), r["best"]))
+                steps = f", {r['steps']} steps" if len({c.get("steps") for c in rs}) > 1 else ""
+                by_method.setdefault(f"{r['method']} {r['engine']} {rate_of(r)}{steps}", []).append(
+                    (seed_of(r), r["best"]))
             paths.append(line_plot(out / f"seeds_{task}.png", {k: tuple(zip(*v)) for k, v in by_method.items()},
                                    "seed", f"best {GLUE_TASKS[task][1]}", f"{task}: best validation score per seed"))
     for method in sorted({r["method"] for r in results}):
         rs = [r for r in results if r["method"] == method and r["loss"]]
-        curves = {label(r, f"{r['task']} {r['engine']}", rs): curve_by_update(r, "loss") for r in rs}
+        curves = named([(label(r, f"{r['task']} {r['engine']}", rs), r) for r in rs], "loss")
         paths.append(line_plot(out / f"loss_{method}.png", curves, "optimizer update",
                                "training loss (mean over log window)", f"{method}: training loss"))
     return paths
@@ -496,11 +520,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="only rebuild table.md and the plots from results.json")
     p.add_argument("--merge", nargs="+", default=[], metavar="DIR",
                    help="with --report: also take the cells of these output folders (a later cell replaces an "
-                        "earlier one with the same task, method, engine and seed, e.g. a rerun of a failed cell; "
-                        "cells of several seeds add a table of each seed, mean, sd and the paired gap to "
-                        "--baseline); --preset/--tasks/--methods/--engines then choose which GLUE cells are kept")
+                        "earlier one with the same task, method, engine, seed, rate and steps, e.g. a rerun of a "
+                        "failed cell; cells of several seeds add a table of each seed, mean, sd and the paired "
+                        "gap to --baseline); --preset/--tasks/--methods/--engines then choose which GLUE cells are kept")
     p.add_argument("--baseline", default="lowrank", choices=list(METHODS),
-                   help="with several seeds: the method (backprop) each row's per-seed gap and paired t-test use")
+                   help="with several seeds: the method (backprop, same steps) each row's per-seed gap and "
+                        "paired t-test use")
     return p.parse_args(argv)
 
 
@@ -535,13 +560,13 @@ def main(argv: list[str]) -> int:
             for r in saved["results"]:
                 if saved.get("machine") and "measured_on" not in r:  # the top-level stamp is the report's
                     r["measured_on"] = saved["machine"]
-                merged[(r["suite"], r["task"], r.get("method"), r.get("engine"), seed_of(r))] = r
+                merged[cell_key(r)] = r
             # cells that ended but were never recorded (their parent stopped first) come back from their logs
             for run in sorted((folder / "runs").glob("*")) if (folder / "runs").is_dir() else []:
                 r = cell_from_log(run)
                 if r is None:
                     continue
-                key = ("glue", r["task"], r["method"], r["engine"], seed_of(r))
+                key = cell_key(r)
                 if key not in merged or "error" in merged[key]:
                     merged[key] = r
                     print(f"recovered {run.name} from its log")

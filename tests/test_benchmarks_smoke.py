@@ -160,10 +160,11 @@ def test_quality_curves_put_cells_of_different_intervals_on_one_update_axis(tmp_
     assert set(plotted["curve_stsb.png"]) == {"linear gl4", "linear backprop"}
 
 
-def test_quality_report_keeps_each_seed_and_tables_their_paired_gaps(tmp_path) -> None:
+def test_quality_report_keeps_each_seed_and_tables_their_paired_gaps(tmp_path, monkeypatch) -> None:
     """ColA's three committed four-epoch seeds merge into one table: each seed's score, mean ± sd and the gap to
     LoRA with a paired t-test, all recomputed here from the raw cells by the textbook formulas; a later cell of
-    the same seed still replaces an earlier one."""
+    the same seed still replaces an earlier one, and the same seed's two-epoch cells stay beside the four-epoch
+    ones, paired only with LoRA's two-epoch cell."""
     import statistics
 
     from scipy.stats import t as student_t
@@ -178,13 +179,21 @@ def test_quality_report_keeps_each_seed_and_tables_their_paired_gaps(tmp_path) -
     rerun.mkdir()
     (rerun / "results.json").write_text(json.dumps({"results": [{**cell, "best": 0.90}]}))
     best["linear", 2] = 90.0
+    two_epochs = {r["method"]: 100 * r["best"] for r in json.loads((claim.parent / "results.json").read_text())[
+        "results"] if r["engine"] == "backprop"}  # seed 0 at 720 steps: the same seed, another budget
     out = tmp_path / "seeds"
     argv = ["--report", "--preset", "cola_aux", "--engines", "backprop", "--tasks", "stsb", "--out", str(out)]
-    assert quality.main([*argv, "--merge", *map(str, folders), str(rerun)]) == 0
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in (out / "table.md").read_text().split("best dev score per seed")[1].splitlines()
-            if line.startswith("| ") and "method" not in line}
+    assert quality.main([*argv, "--merge", *map(str, folders), str(rerun), str(claim.parent)]) == 0
+    cells = [[c.strip() for c in line.split("|")[1:-1]]
+             for line in (out / "table.md").read_text().split("best dev score per seed")[1].splitlines()
+             if line.startswith("| ") and "method" not in line]
+    rows = {c[0]: c[1:] for c in cells if c[3] == "1440"}
     assert set(rows) == {"lowrank", "linear", "mlp"}
+    short = {c[0]: c[4:] for c in cells if c[3] == "720"}
+    assert {m: float(v[0]) for m, v in short.items()} == pytest.approx(two_epochs, abs=0.05)
+    assert short["lowrank"][1:] == ["—", "—", f"{two_epochs['lowrank']:.1f}", "—", "—", "—"]
+    gap = two_epochs["lowrank"] - two_epochs["mlp"]  # paired with LoRA's own budget, not its four-epoch seed 0
+    assert short["mlp"][-3:] == [f"{gap:.1f}", f"{gap:.1f}", "—"]
     for method in ("lowrank", "linear", "mlp"):
         vals = [best[method, s] for s in range(3)]
         engine, lr, steps, *seeds, mean_sd, gaps, mean_gap, p = rows[method]
@@ -199,10 +208,19 @@ def test_quality_report_keeps_each_seed_and_tables_their_paired_gaps(tmp_path) -
         tstat = statistics.mean(d) / (statistics.stdev(d) / 3**0.5)
         assert gaps == " / ".join(f"{x:.1f}" for x in d) and mean_gap == f"{sum(d) / 3:.1f}"
         assert p == f"{2 * student_t.sf(abs(tstat), df=2):.2f}"
-    assert "| 3     |" in (out / "table.md").read_text().split("best dev score per seed")[0]  # the seeds column
+    main_table = (out / "table.md").read_text().split("best dev score per seed")[0]
+    assert "| 3     |" in main_table and "| steps |" in main_table  # the seeds column; a row per budget
     assert (out / "seeds_stsb.png").exists()
     merged = json.loads((out / "results.json").read_text())["results"]
-    assert sorted((r["method"], r["config"]["seed"]) for r in merged) == sorted(best)  # 9 cells, none lost
+    assert sorted((r["method"], r["config"]["seed"]) for r in merged if r["steps"] == 1440) == sorted(best)
+    assert len(merged) == 12  # 9 four-epoch cells and 3 two-epoch ones, none lost
+    plotted: dict[str, dict] = {}  # every cell keeps its own line: seed 0's two budgets are named apart
+    monkeypatch.setattr(quality, "line_plot", lambda path, curves, *a: plotted.update({Path(path).name: curves}))
+    assert quality.main(["--report", "--out", str(out)]) == 0
+    assert len(plotted["curve_stsb.png"]) == 12 and len(plotted["loss_lowrank.png"]) == 4
+    assert {"lowrank backprop, seed 0, lr 3e-3, 720 steps", "lowrank backprop, seed 0, lr 3e-3, 1440 steps",
+            "lowrank backprop, seed 1"} <= set(plotted["curve_stsb.png"])
+    assert plotted["seeds_stsb.png"]["lowrank backprop 3e-3, 1440 steps"][0] == (0, 1, 2)
 
 
 def test_quality_lr_replaces_every_cells_family_default(tmp_path, monkeypatch) -> None:
