@@ -306,10 +306,13 @@ def line_plot(
     """One line per entry of ``curves`` (``name -> (xs, ys)``)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if len(curves) > 10:  # the default cycle's 10 colours would repeat: two lines would read as one
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for name, (xs, ys) in curves.items():
         ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)
     ticks = sorted({x for xs, _ in curves.values() for x in xs})
-    if len(ticks) <= 8 and all(float(x).is_integer() for x in ticks):  # a few whole-number points: seeds, evals
+    apart = all(b - a >= (ticks[-1] - ticks[0]) / 20 for a, b in zip(ticks, ticks[1:]))  # labels must not overlap
+    if len(ticks) <= 8 and apart and all(float(x).is_integer() for x in ticks):  # a few whole points: seeds, evals
         ax.set_xticks(ticks)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

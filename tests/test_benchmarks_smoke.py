@@ -24,6 +24,21 @@ def test_markdown_table_formats_cells() -> None:
     assert text.splitlines() == ["| a    | bb |", "|------|----|", "| 1.23 | —  |", "| x    | —  |"]
 
 
+def test_line_plot_keeps_many_lines_apart_and_ticks_only_labels_that_fit(tmp_path, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+
+    saved: list = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig.axes[0]))
+    eleven = {f"method {i}": ([480, 960, 1440], [i, i + 1, i + 2]) for i in range(11)}
+    _common.line_plot(tmp_path / "a.png", eleven, "update", "score", "eleven lines")
+    assert len({str(line.get_color()) for line in saved[-1].get_lines()}) == 11  # the default cycle repeats at 10
+    assert list(saved[-1].get_xticks()) == [480, 960, 1440]  # a few whole-number points: each its own tick
+    # two evaluations one update apart (a budget's last step beside a round one) would print over each other
+    _common.line_plot(tmp_path / "b.png", {"a": ([533, 1066, 1599], [0, 1, 2]), "b": ([533, 1066, 1600], [0, 1, 2])},
+                      "update", "score", "close points")
+    assert 1599 not in list(saved[-1].get_xticks())
+
+
 def test_tensor_bytes_counts_shared_storage_once() -> None:
     import torch
 
