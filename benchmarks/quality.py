@@ -349,14 +349,15 @@ def glue_table(results: list[dict[str, Any]]) -> str:
     def row_key(r: dict[str, Any]) -> tuple:
         return (r["method"], r["engine"], *((rate_of(r), r.get("steps")) if by_config else ()))
 
-    keys = sorted({row_key(r) for r in results},
-                  key=lambda k: (list(METHODS).index(k[0]), ENGINES.index(k[1]), *k[2:]))
+    by_row: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        by_row.setdefault(row_key(r), []).append(r)
     several = len({seed_of(r) for r in results}) > 1
     headers = ["method", "engine", *(["lr", "steps"] if by_config else []), "# params (K)",
                *(GLUE_TASKS[t][2] for t in tasks), "Avg.", "train s/cell", *(["seeds"] if several else [])]
     rows = []
-    for key in keys:
-        cells = [r for r in results if row_key(r) == key]
+    for key in sorted(by_row, key=lambda k: (list(METHODS).index(k[0]), ENGINES.index(k[1]), *k[2:])):
+        cells = by_row[key]
         scores = []
         for t in tasks:
             best = [r["best"] for r in cells if r["task"] == t and r["best"] is not None]
@@ -459,8 +460,9 @@ def plot_curves(results: list[dict[str, Any]], out: Path) -> list[Path]:
                                f"{task}: validation {GLUE_TASKS[task][1]} (MiniLM)"))
         if len({seed_of(r) for r in rs}) > 1:  # one line per method across seeds: the pairing shows
             by_method: dict[str, list[tuple[int, float]]] = {}
+            budgets = len({r.get("steps") for r in rs}) > 1
             for r in sorted(rs, key=seed_of):
-                steps = f", {r['steps']} steps" if len({c.get("steps") for c in rs}) > 1 else ""
+                steps = f", {r['steps']} steps" if budgets else ""
                 by_method.setdefault(f"{r['method']} {r['engine']} {rate_of(r)}{steps}", []).append(
                     (seed_of(r), r["best"]))
             paths.append(line_plot(out / f"seeds_{task}.png", {k: tuple(zip(*v)) for k, v in by_method.items()},
