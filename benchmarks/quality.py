@@ -338,6 +338,13 @@ def cell_key(r: dict[str, Any]) -> tuple:
     return r["suite"], r["task"], r.get("method"), r.get("engine"), seed_of(r), rate_of(r), r.get("steps")
 
 
+def row_order(method: str, engine: str, *config: str | int | None) -> tuple:
+    """Where a table puts a row: by method and engine in the order METHODS and ENGINES list them, then by rate
+    and steps as numbers (``3e-4`` before ``1e-3``; a cell that recorded neither first)."""
+    return (list(METHODS).index(method), ENGINES.index(engine),
+            *(-1.0 if v is None or v == "—" else float(v) for v in config))
+
+
 def glue_table(results: list[dict[str, Any]]) -> str:
     """Rows: method (engine), and its rate and budget where some method ran several; columns: trainable
     parameters, each task's best dev score ×100 (the mean over seeds where a method ran several; ``seeds_table``
@@ -356,7 +363,7 @@ def glue_table(results: list[dict[str, Any]]) -> str:
     headers = ["method", "engine", *(["lr", "steps"] if by_config else []), "# params (K)",
                *(GLUE_TASKS[t][2] for t in tasks), "Avg.", "train s/cell", *(["seeds"] if several else [])]
     rows = []
-    for key in sorted(by_row, key=lambda k: (list(METHODS).index(k[0]), ENGINES.index(k[1]), *k[2:])):
+    for key in sorted(by_row, key=lambda k: row_order(*k)):
         cells = by_row[key]
         scores = []
         for t in tasks:
@@ -380,11 +387,11 @@ def seeds_table(results: list[dict[str, Any]], baseline: str = "lowrank") -> str
     text = []
     for task in [t for t in GLUE_TASKS if any(r["task"] == t for r in results)]:
         rs = sorted((r for r in results if r["task"] == task and r["best"] is not None),
-                    key=lambda r: (list(METHODS).index(r["method"]), ENGINES.index(r["engine"])))
+                    key=lambda r: row_order(r["method"], r["engine"], rate_of(r), r.get("steps")))
         seeds = sorted({seed_of(r) for r in rs})
         groups: dict[tuple, dict[int, float]] = {}
         for r in rs:
-            groups.setdefault((r["method"], r["engine"], rate_of(r), r["steps"]), {})[seed_of(r)] = 100 * r["best"]
+            groups.setdefault((r["method"], r["engine"], rate_of(r), r.get("steps")), {})[seed_of(r)] = 100 * r["best"]
         rows = []
         for (m, e, lr, steps), by_seed in groups.items():
             base = max((g for k, g in groups.items() if k[:2] == (baseline, "backprop") and k[3] == steps),

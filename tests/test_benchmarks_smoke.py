@@ -238,6 +238,21 @@ def test_quality_report_keeps_each_seed_and_tables_their_paired_gaps(tmp_path, m
     assert plotted["seeds_stsb.png"]["lowrank backprop 3e-3, 1440 steps"][0] == (0, 1, 2)
 
 
+def test_quality_tables_order_rows_by_rate_and_budget_as_numbers() -> None:
+    """A method run at several rates lists them as numbers (3e-4, 1e-3, 1.5e-3, 3e-3: as text 1.5e-3 would come
+    first and 3e-4 last), and a cell that recorded no rate or steps sorts first instead of failing the sort."""
+    claim = Path(__file__).resolve().parents[1] / "docs/results/claims/cola_aux_stsb/epochs_4"
+    lora = next(r for r in json.loads((claim / "results.json").read_text())["results"] if r["method"] == "lowrank")
+    cells = [{**lora, "config": {**lora["config"], "optim": {**lora["config"]["optim"], "lr": lr}}}
+             for lr in (1.5e-3, 3e-4, 3e-3, 1e-3)]
+    old = {k: v for k, v in lora.items() if k not in ("steps", "config", "lr")}  # recorded neither
+    for table in (quality.glue_table([*cells, old]), quality.seeds_table([*cells, old])):
+        rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
+                if line.startswith("| lowrank")]
+        assert [r[2] for r in rows[:5]] == ["—", "3e-4", "1e-3", "1.5e-3", "3e-3"]
+        assert rows[0][3] in ("", "—") and {r[3] for r in rows[1:]} == {"1440"}
+
+
 def test_quality_lr_replaces_every_cells_family_default(tmp_path, monkeypatch) -> None:
     """``--lr`` reaches each cell (a claim's column at another rate); without it a cell gets None, its default."""
     seen: list[dict] = []
