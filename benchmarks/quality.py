@@ -386,12 +386,12 @@ def seeds_table(results: list[dict[str, Any]], baseline: str = "lowrank") -> str
 
     text = []
     for task in [t for t in GLUE_TASKS if any(r["task"] == t for r in results)]:
-        rs = sorted((r for r in results if r["task"] == task and r["best"] is not None),
-                    key=lambda r: row_order(r["method"], r["engine"], rate_of(r), r.get("steps")))
+        rs = [r for r in results if r["task"] == task and r["best"] is not None]
         seeds = sorted({seed_of(r) for r in rs})
         groups: dict[tuple, dict[int, float]] = {}
         for r in rs:
             groups.setdefault((r["method"], r["engine"], rate_of(r), r.get("steps")), {})[seed_of(r)] = 100 * r["best"]
+        groups = dict(sorted(groups.items(), key=lambda kv: row_order(*kv[0])))  # rows in glue_table's order
         rows = []
         for (m, e, lr, steps), by_seed in groups.items():
             base = max((g for k, g in groups.items() if k[:2] == (baseline, "backprop") and k[3] == steps),
