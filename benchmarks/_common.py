@@ -243,13 +243,14 @@ def median(xs: Sequence[float]) -> float:
 
 # -- output ------------------------------------------------------------------------------------------------------
 def fmt(v: Any, digits: int = 3) -> str:
-    """A table cell: floats with ``digits`` significant decimals, None as an em dash."""
+    """A table cell: floats with ``digits`` decimals (one that rounds to zero prints 0.0, not -0.0), None and NaN
+    as an em dash."""
     if v is None:
         return "—"
     if isinstance(v, float):
         if v != v:  # NaN
             return "—"
-        return f"{v:.{digits}f}"
+        return f"{v:z.{digits}f}"
     return str(v)
 
 

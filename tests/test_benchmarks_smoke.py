@@ -253,6 +253,17 @@ def test_quality_tables_order_rows_by_rate_and_budget_as_numbers() -> None:
         assert rows[0][3] in ("", "—") and {r[3] for r in rows[1:]} == {"1440"}
 
 
+def test_quality_gaps_that_round_to_zero_print_without_a_sign() -> None:
+    """Pfeiffer's seed-0 gap to LoRA is -0.04 points: the table prints 0.0 (a sign on a zero reads as a finding)."""
+    claim = Path(__file__).resolve().parents[1] / "docs/results/claims/adakron_stsb/epochs_4/seeds"
+    cells = [r for r in json.loads((claim / "results.json").read_text())["results"]
+             if r["method"] in ("lowrank", "pfeiffer") and quality.seed_of(r) == 0]
+    assert -0.05 < 100 * (cells[0]["best"] - cells[1]["best"]) < 0.05 and cells[0]["best"] != cells[1]["best"]
+    row = next(line for line in quality.seeds_table(cells).splitlines() if line.startswith("| pfeiffer"))
+    assert "-0.0" not in row and [c.strip() for c in row.split("|")[1:-1]][-3:-1] == ["0.0", "0.0"]
+    assert _common.fmt(-0.04, 1) == "0.0" and _common.fmt(-0.06, 1) == "-0.1"
+
+
 def test_quality_lr_replaces_every_cells_family_default(tmp_path, monkeypatch) -> None:
     """``--lr`` reaches each cell (a claim's column at another rate); without it a cell gets None, its default."""
     seen: list[dict] = []
