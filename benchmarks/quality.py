@@ -58,6 +58,7 @@ import yaml
 
 from benchmarks._common import (
     DATA,
+    fmt,
     line_plot,
     machine,
     markdown_table,
@@ -404,7 +405,7 @@ def seeds_table(results: list[dict[str, Any]], baseline: str = "lowrank") -> str
             if len(paired) > 1 and len(set(gaps)) > 1:
                 p = f"{ttest_rel([base[s] for s in paired], [by_seed[s] for s in paired]).pvalue:.2f}"
             rows.append([m, e, lr, steps, *(by_seed.get(s) for s in seeds), f"{statistics.mean(vals):.1f}{sd}",
-                         " / ".join(f"{g:z.1f}" for g in gaps) or None, statistics.mean(gaps) if gaps else None, p])
+                         " / ".join(fmt(g, 1) for g in gaps) or None, statistics.mean(gaps) if gaps else None, p])
         headers = ["method", "engine", "lr", "steps", *(f"seed {s}" for s in seeds), "mean ± sd",
                    f"gap to {baseline}, per seed", "mean gap", "p (paired t)"]
         text.append(f"{GLUE_TASKS[task][2]}, best dev score per seed\n\n" + markdown_table(headers, rows, digits=1))
