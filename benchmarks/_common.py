@@ -302,15 +302,36 @@ def stacked_bars(
 
 def line_plot(
     path: str | os.PathLike, curves: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
-    title: str,
+    title: str, clip_far_out: bool = False,
 ) -> Path:
-    """One line per entry of ``curves`` (``name -> (xs, ys)``)."""
+    """One line per entry of ``curves`` (``name -> (xs, ys)``). With ``clip_far_out`` the y axis spans the values
+    inside Tukey's far-out fences (quartiles ∓ 3 interquartile ranges), so one failed run does not flatten the
+    rest; a value beyond them is marked on the axis edge with its own value written beside it."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if len(curves) > 10:  # the default cycle's 10 colours would repeat: two lines would read as one
         ax.set_prop_cycle(color=plt.cm.tab20.colors)
-    for name, (xs, ys) in curves.items():
-        ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)
+    lines = {name: ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)[0]
+             for name, (xs, ys) in curves.items()}
+    xs_all, ys_all = ([v for c in curves.values() for v in c[i]] for i in (0, 1))
+    if clip_far_out and len(ys_all) >= 4:
+        q1, _, q3 = statistics.quantiles(ys_all, n=4, method="inclusive")
+        lo, hi = q1 - 3 * (q3 - q1), q3 + 3 * (q3 - q1)
+        inside = [y for y in ys_all if lo <= y <= hi]
+        if len(inside) < len(ys_all):
+            pad = 0.1 * (max(inside) - min(inside) or abs(max(inside)) or 1.0)
+            bottom, top = min(inside) - pad, max(inside) + pad
+            ax.set_ylim(bottom, top)
+            for name, (xs, ys) in curves.items():
+                for x, y in zip(xs, ys):
+                    if not bottom <= y <= top:
+                        edge = bottom if y < bottom else top
+                        ax.plot([x], [edge], marker="v" if y < bottom else "^", markersize=8, clip_on=False,
+                                color=lines[name].get_color())
+                        left = x >= (min(xs_all) + max(xs_all)) / 2  # the legend tends to sit on the right
+                        ax.annotate(f"{name}: {y:.3g}", (x, edge), textcoords="offset points",
+                                    xytext=(-6 if left else 6, 4 if y < bottom else -10), fontsize=7,
+                                    ha="right" if left else "left", color=lines[name].get_color())
     ticks = sorted({x for xs, _ in curves.values() for x in xs})
     apart = all(b - a >= (ticks[-1] - ticks[0]) / 20 for a, b in zip(ticks, ticks[1:]))  # labels must not overlap
     if len(ticks) <= 8 and apart and all(float(x).is_integer() for x in ticks):  # a few whole points: seeds, evals

@@ -474,7 +474,8 @@ def plot_curves(results: list[dict[str, Any]], out: Path) -> list[Path]:
                 by_method.setdefault(f"{r['method']} {r['engine']} {rate_of(r)}{steps}", []).append(
                     (seed_of(r), r["best"]))
             paths.append(line_plot(out / f"seeds_{task}.png", {k: tuple(zip(*v)) for k, v in by_method.items()},
-                                   "seed", f"best {GLUE_TASKS[task][1]}", f"{task}: best validation score per seed"))
+                                   "seed", f"best {GLUE_TASKS[task][1]}", f"{task}: best validation score per seed",
+                                   clip_far_out=True))  # a lost seed (0.1 beside 0.85) would flatten the rest
     for method in sorted({r["method"] for r in results}):
         rs = [r for r in results if r["method"] == method and r["loss"]]
         curves = named([(label(r, f"{r['task']} {r['engine']}", rs), r) for r in rs], "loss")

@@ -39,6 +39,23 @@ def test_line_plot_keeps_many_lines_apart_and_ticks_only_labels_that_fit(tmp_pat
     assert 1599 not in list(saved[-1].get_xticks())
 
 
+def test_line_plot_clips_a_far_out_value_to_the_edge_and_writes_it(tmp_path, monkeypatch) -> None:
+    """AdaKron's seeds plot: a lost mixture seed at 0.097 beside trained ones at 0.82-0.87. The axis keeps to the
+    trained band and the lost value stays on the figure, marked on the edge with its number."""
+    from matplotlib.figure import Figure
+
+    saved: list = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig.axes[0]))
+    seeds = {"lora": ([0, 1, 2], [0.861, 0.863, 0.857]), "kron": ([0, 1, 2], [0.837, 0.840, 0.858]),
+             "mix": ([0, 1, 2], [0.841, 0.847, 0.097])}
+    _common.line_plot(tmp_path / "s.png", seeds, "seed", "best pearson", "seeds", clip_far_out=True)
+    bottom, top = saved[-1].get_ylim()
+    assert 0.097 < bottom < 0.837 and top > 0.863 and top - bottom < 0.1
+    assert [t.get_text() for t in saved[-1].texts] == ["mix: 0.097"]
+    _common.line_plot(tmp_path / "t.png", seeds, "seed", "best pearson", "seeds")  # off by default: every value shows
+    assert saved[-1].get_ylim()[0] < 0.097 and not saved[-1].texts
+
+
 def test_tensor_bytes_counts_shared_storage_once() -> None:
     import torch
 
@@ -164,7 +181,7 @@ def test_quality_curves_put_cells_of_different_intervals_on_one_update_axis(tmp_
     loss = [[10, 9.2], [20, 8.6]]  # logged every 10 micro-batches: 2.5 updates apart under I = 4
     assert quality.curve_by_update({"engine": "gl4", "loss": loss}, "loss") == ([2.5, 5.0], [9.2, 8.6])
     plotted: dict[str, dict] = {}
-    monkeypatch.setattr(quality, "line_plot", lambda path, curves, *a: plotted.update({Path(path).name: curves}))
+    monkeypatch.setattr(quality, "line_plot", lambda path, curves, *a, **k: plotted.update({Path(path).name: curves}))
     cells = [{"suite": "glue", "task": "stsb", "method": "linear", "engine": e, "curve": curve, "loss": loss,
               "config": {"batch_size": b}} for e, b in (("gl4", 16), ("backprop", 16))]
     quality.plot_curves(cells, tmp_path)  # 64 and 16 rows per update: each line says which
@@ -230,7 +247,7 @@ def test_quality_report_keeps_each_seed_and_tables_their_paired_gaps(tmp_path, m
     assert sorted((r["method"], r["config"]["seed"]) for r in merged if r["steps"] == 1440) == sorted(best)
     assert len(merged) == 12  # 9 four-epoch cells and 3 two-epoch ones, none lost
     plotted: dict[str, dict] = {}  # every cell keeps its own line: seed 0's two budgets are named apart
-    monkeypatch.setattr(quality, "line_plot", lambda path, curves, *a: plotted.update({Path(path).name: curves}))
+    monkeypatch.setattr(quality, "line_plot", lambda path, curves, *a, **k: plotted.update({Path(path).name: curves}))
     assert quality.main(["--report", "--out", str(out)]) == 0
     assert len(plotted["curve_stsb.png"]) == 12 and len(plotted["loss_lowrank.png"]) == 4
     assert {"lowrank backprop, seed 0, lr 3e-3, 720 steps", "lowrank backprop, seed 0, lr 3e-3, 1440 steps",
