@@ -322,13 +322,14 @@ def line_plot(
             pad = 0.1 * (max(inside) - min(inside) or abs(max(inside)) or 1.0)
             bottom, top = min(inside) - pad, max(inside) + pad
             ax.set_ylim(bottom, top)
+            mid = (min(xs_all) + max(xs_all)) / 2
             for name, (xs, ys) in curves.items():
                 for x, y in zip(xs, ys):
                     if not bottom <= y <= top:
                         edge = bottom if y < bottom else top
                         ax.plot([x], [edge], marker="v" if y < bottom else "^", markersize=8, clip_on=False,
                                 color=lines[name].get_color())
-                        left = x >= (min(xs_all) + max(xs_all)) / 2  # the legend tends to sit on the right
+                        left = x >= mid  # the legend tends to sit on the right
                         ax.annotate(f"{name}: {y:.3g}", (x, edge), textcoords="offset points",
                                     xytext=(-6 if left else 6, 4 if y < bottom else -10), fontsize=7,
                                     ha="right" if left else "left", color=lines[name].get_color())
