@@ -308,7 +308,8 @@ def line_plot(
     inside Tukey's far-out fences (quartiles ∓ 3 interquartile ranges), so one failed run does not flatten the
     rest; a value beyond them is marked on the axis edge with its own value written beside it."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    outside = len(curves) > 5  # a legend of many lines inside the axes hides some of their points
+    fig, ax = plt.subplots(figsize=(9 if outside else 7, 4.5))
     if len(curves) > 10:  # the default cycle's 10 colours would repeat: two lines would read as one
         ax.set_prop_cycle(color=plt.cm.tab20.colors)
     lines = {name: ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)[0]
@@ -341,9 +342,9 @@ def line_plot(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if curves:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if outside else {}))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight" if outside else None)
     plt.close(fig)
     return Path(path)
 

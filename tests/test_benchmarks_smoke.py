@@ -32,6 +32,8 @@ def test_line_plot_keeps_many_lines_apart_and_ticks_only_labels_that_fit(tmp_pat
     eleven = {f"method {i}": ([480, 960, 1440], [i, i + 1, i + 2]) for i in range(11)}
     _common.line_plot(tmp_path / "a.png", eleven, "update", "score", "eleven lines")
     assert len({str(line.get_color()) for line in saved[-1].get_lines()}) == 11  # the default cycle repeats at 10
+    saved[-1].figure.canvas.draw()  # so many lines' legend sits right of the axes, where it hides no point
+    assert saved[-1].get_legend().get_window_extent().x0 >= saved[-1].get_window_extent().x1
     assert list(saved[-1].get_xticks()) == [480, 960, 1440]  # a few whole-number points: each its own tick
     # two evaluations one update apart (a budget's last step beside a round one) would print over each other
     _common.line_plot(tmp_path / "b.png", {"a": ([533, 1066, 1599], [0, 1, 2]), "b": ([533, 1066, 1600], [0, 1, 2])},
