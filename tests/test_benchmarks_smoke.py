@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import _common, quality, server_cost  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
 D, LAYERS, R = 384, 6, 8  # MiniLM hidden size, layers; LoRA rank of the suites
 
@@ -434,6 +435,37 @@ def test_mmlu_check_smoke(tmp_path) -> None:
     (out / "mmlu_check.png").unlink()
     assert mmlu_check.main(["--smoke", "--out", str(tmp_path), "--report"]) == 0
     assert (out / "mmlu_check.png").stat().st_size > 0
+
+
+def test_adapter_scale_tells_a_working_adapter_from_one_that_collapses_every_token(tmp_path) -> None:
+    """AdaKron's lost seed 5: the adapter's output grew to 36-44x the frozen layer's and every token state after it
+    became one vector, so the head predicted a constant. A briefly trained adapter must read as neither; the same
+    adapter adding one large constant vector to every token (its up bias) must read as both."""
+    from safetensors.torch import load_file, save_file
+
+    from benchmarks import adapter_scale
+    from cotune.cli import main as cotune
+
+    run = tmp_path / "run"
+    assert cotune(["train", str(REPO / "examples" / "adakron_minilm_mrpc.yaml"), "max_steps=2", "train_limit=8",
+                   "batch_size=4", "eval_every=0", "eval_limit=4", "save_every=0", "test=false",
+                   f"output_dir={run}", "--quiet"]) == 0
+    constant = run / "constant"
+    shutil.copytree(run / "adapter", constant)
+    weights = load_file(constant / "adapter_model.safetensors")
+    big = torch.randn(D, generator=torch.Generator().manual_seed(0)) * 1e3
+    save_file({k: big.clone() if k.endswith("up.bias") else v for k, v in weights.items()},
+              str(constant / "adapter_model.safetensors"))
+    assert adapter_scale.main(["--adapter", str(run / "adapter"), "--adapter", str(constant), "--rows", "16",
+                               "--out", str(tmp_path / "out")]) == 0
+    trained, blown = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert len(trained["sites"]) == len(trained["token_cosine"]) == LAYERS  # one adapter after each FFN
+    assert all(s["ratio"] < 0.5 for s in trained["sites"].values()) and max(trained["token_cosine"]) < 0.9
+    assert all(s["ratio"] > 100 for s in blown["sites"].values()) and min(blown["token_cosine"]) > 0.99
+    assert blown["prediction_sd"] < 0.01 * trained["prediction_sd"]  # the head reads one vector
+    first = "bert.encoder.layer.0.output.dense"  # its input comes before any adapter: the same in both models
+    assert blown["sites"][first]["base"] == pytest.approx(trained["sites"][first]["base"], rel=1e-5)
+    assert "constant" in (tmp_path / "out" / "table.md").read_text()
 
 
 def by_name(res: dict) -> dict:
