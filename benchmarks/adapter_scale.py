@@ -30,6 +30,8 @@ def probe(adapter: str | Path, rows: int = 64) -> dict[str, Any]:
     task, model = load_trained(cfg, adapter)
     model.eval()
     batch = task.collate(task.load(cfg.val_split).rows[:rows])
+    if "attention_mask" not in batch:
+        raise SystemExit(f"{adapter}: adapter_scale reads token states; this run's task ({cfg.task.kind}) has none")
     mask = batch["attention_mask"].bool()
     norms: dict[str, tuple[float, float]] = {}
 
