@@ -13,9 +13,10 @@ import torch
 
 # The suites live in the repository's ``benchmarks`` package, which is not installed: import it from the root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from user_cli import REPO, TINY  # noqa: E402
+
 from benchmarks import _common, quality, server_cost  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
 D, LAYERS, R = 384, 6, 8  # MiniLM hidden size, layers; LoRA rank of the suites
 
@@ -447,9 +448,8 @@ def test_adapter_scale_tells_a_working_adapter_from_one_that_collapses_every_tok
     from cotune.cli import main as cotune
 
     run = tmp_path / "run"
-    assert cotune(["train", str(REPO / "examples" / "adakron_minilm_mrpc.yaml"), "max_steps=2", "train_limit=8",
-                   "batch_size=4", "eval_every=0", "eval_limit=4", "save_every=0", "test=false",
-                   f"output_dir={run}", "--quiet"]) == 0
+    assert cotune(["train", str(REPO / "examples" / "adakron_minilm_mrpc.yaml"), *TINY, "eval_every=0",
+                   "save_every=0", f"output_dir={run}", "--quiet"]) == 0
     constant = run / "constant"
     shutil.copytree(run / "adapter", constant)
     weights = load_file(constant / "adapter_model.safetensors")
