@@ -49,6 +49,13 @@ def test_correlations_equal_numpy_and_scipy():
     assert M.pearson([1, 1, 1], [1, 2, 3]) == 0.0  # constant predictions: defined as no association, not NaN
 
 
+def test_spread_is_the_predictions_sd_over_the_labels():
+    assert M.spread(Y, X) == pytest.approx(np.std(Y) / np.std(X), rel=1e-12)
+    # hand: sd([0, 2]) = 1, sd([1, 5]) = 2
+    assert M.spread([1, 5], [0, 2]) == 2.0 and M.spread([3, 3, 3], [1, 2, 3]) == 0.0
+    assert math.isnan(M.spread([1, 2], [4, 4]))  # labels with no spread: no scale to compare with
+
+
 def test_rouge_l_hand_and_library():
     # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat" = 5 tokens: P = R = F = 5/6
     assert M.rouge_l(["the cat sat on the mat"], ["the cat is on the mat"]) == pytest.approx(5 / 6)

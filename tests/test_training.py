@@ -359,3 +359,26 @@ def test_nan_loss_stops_with_the_engines_error(shared_data, tmp_path, monkeypatc
     rc = main(["train", str(p), "engine.options.max_bad_steps=2", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "cotune train: error:" in err and "nan" in err.lower()
+
+
+def test_a_regression_run_that_predicts_one_value_says_so(shared_data, tmp_path, capsys):
+    """AdaKron's lost STS-B seed gave every dev pair one prediction (pred_spread 4e-6) and trained on silently."""
+
+    def flatten_head(trainer, step, result):
+        if step == 3:  # after step 2's (working) evaluation: every input now gets the head's bias
+            heads = [p for n, p in trainer.model.named_parameters() if n == "classifier.adapters.default.weight"]
+            assert len(heads) == 1
+            with torch.no_grad():
+                heads[0].zero_()
+
+    stsb = {"data": str(shared_data / "glue" / "STS-B"), "options": {"max_length": 32}}
+    cfg = small_config(shared_data, tmp_path / "run", task=stsb, max_steps=3, eval_every=2, eval_limit=32)
+    train(cfg, callbacks=[flatten_head])
+    evals = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["type"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 3]
+    # A working head spreads its predictions (~5% of the labels' sd after a step); the flattened one does not.
+    assert evals[0]["pred_spread"] > 1e-2 and evals[1]["pred_spread"] == 0.0 and evals[1]["pearson"] == 0.0
+    warnings = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["type"] == "warning"]
+    assert [w["step"] for w in warnings] == [3] and "pred_spread" in warnings[0]["message"]
+    out = capsys.readouterr().out
+    assert out.count("warning: step") == 1 and "collapsed to one value" in out and "optim.lr" in out

@@ -83,6 +83,16 @@ def spearman(pred: Sequence[float], ref: Sequence[float]) -> float:
     return float(spearmanr(pred, ref)[0])
 
 
+def spread(pred: Sequence[float], ref: Sequence[float]) -> float:
+    """The predictions' standard deviation over the references' (``statistics.pstdev``): 1.0 spreads like the
+    labels, 0.0 predicts one value for every input; NaN when the references are all equal."""
+    from statistics import pstdev
+
+    _check(pred, ref)
+    sd_ref = pstdev(ref)
+    return pstdev(pred) / sd_ref if sd_ref > 0 else math.nan
+
+
 @lru_cache(maxsize=2)
 def _rouge_scorer(use_stemmer: bool):
     from rouge_score import rouge_scorer

@@ -146,7 +146,10 @@ class SeqClsTask(TaskBase):
         ref = [r["label"] for r in rows]
         out = {"loss": loss_sum / len(rows)}
         if self.regression:
-            out.update(pearson=M.pearson(preds, ref), spearman=M.spearman(preds, ref), mse=out["loss"])
+            out.update(
+                pearson=M.pearson(preds, ref), spearman=M.spearman(preds, ref), mse=out["loss"],
+                pred_spread=M.spread(preds, ref),
+            )
         else:
             out["accuracy"] = M.accuracy(preds, ref)
             task = self.data.task or ""

@@ -211,6 +211,10 @@ def isolated_rng() -> Iterator[None]:
             np.random.set_state(npy)
 
 
+#: ``pred_spread`` (predictions' sd over the labels') below which a regression run gives every input one value.
+COLLAPSED_SPREAD = 1e-3
+
+
 # -- the trainer ---------------------------------------------------------------------------------------------------
 class Trainer:
     """One training run. ``Trainer(cfg).train()``; ``callbacks`` see every step (tests stop runs with them)."""
@@ -384,10 +388,25 @@ class Trainer:
         step = self.state.step
         self.state.evals.append({"step": step, **metrics})
         self.log.log({"type": "eval", "step": step, "split": "validation", **metrics})
+        self._warn_if_collapsed(metrics)
         if self._better(metrics[metric]):
             self.state.best_metric, self.state.best_step = metrics[metric], step
             save_adapter(self.model, self.out / "adapter")
         return metrics
+
+    def _warn_if_collapsed(self, metrics: dict[str, float]) -> None:
+        # A regression head that gives every input one value has lost the run (an adapter's output that swamps
+        # its layer makes every token one vector; docs/RESULTS.md, AdaKron's seed 5): say so while it trains.
+        spread = metrics.get("pred_spread", math.nan)
+        if not spread < COLLAPSED_SPREAD:
+            return
+        msg = (
+            f"the predictions have collapsed to one value (pred_spread {spread:.1e}: their sd over the labels'): "
+            f"every input gets the same output, so {self.task.metric} cannot rise until they spread again. An "
+            "adapter whose output swamps its layer's does this; a lower optim.lr (or another seed) is the usual fix"
+        )
+        self.log.log({"type": "warning", "step": self.state.step, "message": msg})
+        self.say(f"warning: step {self.state.step}: {msg}")
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
