@@ -403,7 +403,7 @@ class Trainer:
         msg = (
             f"the predictions have collapsed to one value (pred_spread {spread:.1e}: their sd over the labels'): "
             f"every input gets the same output, so {self.task.metric} cannot rise until they spread again. An "
-            "adapter whose output swamps its layer's does this; a lower optim.lr (or another seed) is the usual fix"
+            "adapter whose output swamps its layer's does this: try a lower optim.lr or another seed"
         )
         self.log.log({"type": "warning", "step": self.state.step, "message": msg})
         self.say(f"warning: step {self.state.step}: {msg}")
