@@ -8,7 +8,8 @@ What is proven here:
 * upload limits (413), path-escaping names, bad file types, server paths outside the data roots, and a
   malformed data file (the job fails with a readable reason; the server keeps serving);
 * adapters above a layer's width or the server's parameter limit are refused before anything is built, and a
-  one-class training file trains with a warning in the job's metrics and result;
+  one-class training file, or a regression job whose predictions collapse to one value, trains with a warning
+  in the job's metrics and result;
 * deleting jobs, adapters and files frees their storage; a rotated token replaces the old one at once;
 * the OpenAPI schema lists the endpoints; the ``cotune client`` command talks to the server.
 """
@@ -303,6 +304,26 @@ def test_one_class_training_data_is_flagged(server, alice, shared_data):
     assert st["status"] == "succeeded" and "one class" in " ".join(st["result"]["warnings"])
     assert {"name": "warning_one_class", "step": 0, "value": 1.0} in [
         {k: m[k] for k in ("name", "step", "value")} for m in c.metrics(st["id"])]
+
+
+def test_a_regression_job_whose_predictions_collapse_says_so(server, shared_data):
+    """A tenant's own regression file is scored by Pearson; a job whose adapter swamps its layers (lr 0.5) gives
+    every row one prediction, and its metrics and result say so, as ``cotune train`` does."""
+    c = Client(server.url)
+    c.register("erin")
+    lines = (shared_data / "glue" / "STS-B" / "train.tsv").read_text().splitlines()[:161]
+    f = c.upload_bytes(("\n".join(lines) + "\n").encode(), "scores.tsv")
+    spec = {"train": {"file_id": f["id"]}, **TINY, "task_options": {
+        "regression": True, "text_key": "sentence1", "text_pair_key": "sentence2", "label_key": "score"}}
+    ok = c.wait(c.submit(spec)["id"], timeout=180)
+    lost = c.wait(c.submit({**spec, "optim": {"lr": 0.5}})["id"], timeout=180)
+    assert ok["status"] == lost["status"] == "succeeded", (ok, lost, server.log_tail())
+    assert ok["result"]["eval"]["pred_spread"] > 1e-3 and ok["result"]["warnings"] == []
+    assert lost["result"]["eval"]["pred_spread"] < 1e-3 and "pearson" in lost["result"]["eval"]
+    assert len(lost["result"]["warnings"]) == 1 and "collapsed to one value" in lost["result"]["warnings"][0]
+    flags = [(m["name"], m["step"], m["value"]) for m in c.metrics(lost["id"]) if m["name"].startswith("warning")]
+    assert flags == [("warning_collapsed", TINY["steps"], 1.0)]
+    assert not [m for m in c.metrics(ok["id"]) if m["name"].startswith("warning")]
 
 
 def test_delete_jobs_adapters_and_files_and_rotate_the_token(server, shared_data):

@@ -67,6 +67,18 @@ def test_seq_cls_stsb_regression(shared_data, minilm_tokenizer):
     assert {"pearson", "spearman", "mse"} <= set(m) and -1 <= m["pearson"] <= 1
 
 
+def test_a_regression_file_of_ones_own_is_scored_by_pearson(shared_data, tmp_path, minilm_tokenizer):
+    """``regression=True`` on a file that is not STS-B by name: scored like STS-B (it asked for accuracy before)."""
+    lines = (shared_data / "glue" / "STS-B" / "train.tsv").read_text().splitlines()[:41]
+    (tmp_path / "scores.tsv").write_text("\n".join(lines) + "\n")
+    task = make_task("seq_cls", str(tmp_path / "scores.tsv"), "minilm", tokenizer=minilm_tokenizer, regression=True,
+                     text_key="sentence1", text_pair_key="sentence2", label_key="score")
+    assert task.regression and task.metric == "pearson"
+    torch.manual_seed(0)
+    m = task.evaluate(task.build_model().eval(), task.load("train").rows[:16])
+    assert task.metric in m and 0 < m["pred_spread"] and -1 <= m["pearson"] <= 1
+
+
 def test_seq_cls_mmlu_topic(shared_data, minilm_tokenizer):
     task = make_task("seq_cls", "mmlu", data_root=str(shared_data), label_key="topic", tokenizer=minilm_tokenizer)
     assert task.num_labels == 57 and task.name == "mmlu-topic"

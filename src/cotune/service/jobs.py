@@ -39,6 +39,7 @@ from cotune.service.store import (
     atomic_write_bytes,
 )
 from cotune.service.workload import Workload, build_workload, check_adapter_size
+from cotune.tasks.metrics import collapse_warning
 
 log = logging.getLogger("cotune.service")
 
@@ -413,8 +414,13 @@ class Jobs:
             finally:
                 set_active(self.bank.model, None)
             result["eval"] = metrics
-            self.store.add_metrics(job.rec.id, job.step, {f"eval_{k}": v for k, v in metrics.items()
-                                                         if isinstance(v, int | float)})
+            values = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+            collapsed = collapse_warning(metrics, job.workload.task.metric)  # a regression job that lost its run
+            if collapsed is not None:
+                result["warnings"].append(collapsed)
+                values["warning_collapsed"] = 1.0
+                log.warning("job %s: %s", job.rec.id, collapsed)
+            self.store.add_metrics(job.rec.id, job.step, values)
         job_dir = self.store.job_dir(job.rec.id)
         tmp, final = job_dir / ".adapter.tmp", self.store.adapter_dir(job.rec.id)
         shutil.rmtree(tmp, ignore_errors=True)

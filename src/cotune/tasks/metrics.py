@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 
@@ -91,6 +91,22 @@ def spread(pred: Sequence[float], ref: Sequence[float]) -> float:
     _check(pred, ref)
     sd_ref = pstdev(ref)
     return pstdev(pred) / sd_ref if sd_ref > 0 else math.nan
+
+
+#: ``pred_spread`` below which a regression model gives every input one value: AdaKron's lost STS-B seed reads
+#: 4.4e-5 on the dev set, a head one step into training ~5e-2 (docs/RESULTS.md, AdaKron's four-epoch section).
+COLLAPSED_SPREAD = 1e-3
+
+
+def collapse_warning(metrics: Mapping[str, float], metric: str) -> str | None:
+    """What to tell the user when an evaluation's predictions have collapsed to one value (``pred_spread`` below
+    ``COLLAPSED_SPREAD``), else None. ``metric`` names the score that cannot rise until they spread again."""
+    value = metrics.get("pred_spread", math.nan)
+    if not value < COLLAPSED_SPREAD:
+        return None
+    return (f"the predictions have collapsed to one value (pred_spread {value:.1e}: their sd over the labels'): "
+            f"every input gets the same output, so {metric} cannot rise until they spread again. An adapter whose "
+            "output swamps its layer's does this: try a lower optim.lr or another seed")
 
 
 @lru_cache(maxsize=2)

@@ -72,7 +72,9 @@ class SeqClsTask(TaskBase):
         return {"text": row["question"], "text_pair": pair, "label": row["label"]}
 
     def default_metric(self) -> str:
-        return PRIMARY.get(self.data.task or "", "accuracy")
+        # a regression file of the user's own (``regression=True``, not STS-B) is scored like STS-B
+        regression = self.data.shape != "mc" and self.data.labels.regression
+        return PRIMARY.get(self.data.task or "", "pearson" if regression else "accuracy")
 
     # ---- model
 

@@ -42,6 +42,7 @@ from cotune.adapters.registry import make_config
 from cotune.engines.base import make_engine
 from cotune.errors import CotuneError
 from cotune.tasks.base import ALIASES
+from cotune.tasks.metrics import collapse_warning
 from cotune.tasks.order import step_rows
 from cotune.tasks.progress import progress
 from cotune.training.checkpoint import (
@@ -209,10 +210,6 @@ def isolated_rng() -> Iterator[None]:
         finally:
             random.setstate(py)
             np.random.set_state(npy)
-
-
-#: ``pred_spread`` (predictions' sd over the labels') below which a regression run gives every input one value.
-COLLAPSED_SPREAD = 1e-3
 
 
 # -- the trainer ---------------------------------------------------------------------------------------------------
@@ -395,18 +392,11 @@ class Trainer:
         return metrics
 
     def _warn_if_collapsed(self, metrics: dict[str, float]) -> None:
-        # A regression head that gives every input one value has lost the run (an adapter's output that swamps
-        # its layer makes every token one vector; docs/RESULTS.md, AdaKron's seed 5): say so while it trains.
-        spread = metrics.get("pred_spread", math.nan)
-        if not spread < COLLAPSED_SPREAD:
-            return
-        msg = (
-            f"the predictions have collapsed to one value (pred_spread {spread:.1e}: their sd over the labels'): "
-            f"every input gets the same output, so {self.task.metric} cannot rise until they spread again. An "
-            "adapter whose output swamps its layer's does this: try a lower optim.lr or another seed"
-        )
-        self.log.log({"type": "warning", "step": self.state.step, "message": msg})
-        self.say(f"warning: step {self.state.step}: {msg}")
+        # A regression head that gives every input one value has lost the run: say so while it trains.
+        msg = collapse_warning(metrics, self.task.metric)
+        if msg is not None:
+            self.log.log({"type": "warning", "step": self.state.step, "message": msg})
+            self.say(f"warning: step {self.state.step}: {msg}")
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
