@@ -56,6 +56,16 @@ def test_spread_is_the_predictions_sd_over_the_labels():
     assert math.isnan(M.spread([1, 2], [4, 4]))  # labels with no spread: no scale to compare with
 
 
+def test_the_warnings_fire_on_their_thresholds_only():
+    assert M.collapse_warning({"pred_spread": 4.4e-5, "pearson": 0.1}, "pearson") is not None
+    for quiet in ({"pred_spread": 2e-3}, {"pred_spread": math.nan}, {}):  # spread, no label spread, classification
+        assert M.collapse_warning(quiet, "pearson") is None
+    assert "accuracy 0.5" in M.one_class_warning({"pred_classes": 1.0, "accuracy": 0.5}, "accuracy")
+    # two answers, a one-class evaluation set answered right, a regression evaluation: nothing to say
+    for quiet in ({"pred_classes": 2.0, "accuracy": 0.5}, {"pred_classes": 1.0, "accuracy": 1.0}, {"pearson": 0.3}):
+        assert M.one_class_warning(quiet, "accuracy") is None
+
+
 def test_rouge_l_hand_and_library():
     # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat" = 5 tokens: P = R = F = 5/6
     assert M.rouge_l(["the cat sat on the mat"], ["the cat is on the mat"]) == pytest.approx(5 / 6)

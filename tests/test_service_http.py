@@ -8,8 +8,8 @@ What is proven here:
 * upload limits (413), path-escaping names, bad file types, server paths outside the data roots, and a
   malformed data file (the job fails with a readable reason; the server keeps serving);
 * adapters above a layer's width or the server's parameter limit are refused before anything is built, and a
-  one-class training file, or a regression job whose predictions collapse to one value, trains with a warning
-  in the job's metrics and result;
+  one-class training file, a job whose evaluation answers one class, or a regression job whose predictions
+  collapse to one value, trains with a warning in the job's metrics and result;
 * deleting jobs, adapters and files frees their storage; a rotated token replaces the old one at once;
 * the OpenAPI schema lists the endpoints; the ``cotune client`` command talks to the server.
 """
@@ -304,6 +304,18 @@ def test_one_class_training_data_is_flagged(server, alice, shared_data):
     assert st["status"] == "succeeded" and "one class" in " ".join(st["result"]["warnings"])
     assert {"name": "warning_one_class", "step": 0, "value": 1.0} in [
         {k: m[k] for k in ("name", "step", "value")} for m in c.metrics(st["id"])]
+
+
+def test_a_job_that_answers_one_class_says_so(alice):
+    """Six steps on 64 rows leave every evaluation row with one answer: flagged; twenty steps leave it: not."""
+    c, f, st = alice
+    assert st["result"]["eval"]["pred_classes"] == 1 and st["result"]["eval"]["accuracy"] < 1
+    assert len(st["result"]["warnings"]) == 1 and "one class" in st["result"]["warnings"][0]
+    assert ("warning_one_class_predicted", TINY["steps"], 1.0) in [
+        (m["name"], m["step"], m["value"]) for m in c.metrics(st["id"])]
+    longer = c.wait(c.submit({"train": {"file_id": f["id"]}, **TINY, "steps": 20})["id"], timeout=180)
+    assert longer["result"]["eval"]["pred_classes"] == 2 and longer["result"]["warnings"] == []
+    assert not [m for m in c.metrics(longer["id"]) if m["name"].startswith("warning")]
 
 
 def test_a_regression_job_whose_predictions_collapse_says_so(server, shared_data):

@@ -361,6 +361,33 @@ def test_nan_loss_stops_with_the_engines_error(shared_data, tmp_path, monkeypatc
     assert rc == 2 and "cotune train: error:" in err and "nan" in err.lower()
 
 
+def test_a_run_whose_kept_adapter_answers_one_class_says_so(shared_data, tmp_path, capsys):
+    """A classifier whose best evaluation gives every row one class scores the constant answer's score: the
+    run says so once, for the adapter it keeps; a run that starts on one class and leaves it says nothing."""
+
+    def stick_to_positive(trainer, step, result):
+        if step == 1:  # a bias no feature can outvote: every later evaluation answers class 1
+            bias = dict(trainer.model.named_parameters())["classifier.adapters.default.bias"]
+            with torch.no_grad():
+                bias.copy_(torch.tensor([0.0, 100.0]))
+
+    cfg = small_config(shared_data, tmp_path / "stuck", max_steps=4, eval_limit=32)
+    res = train(cfg, callbacks=[stick_to_positive])
+    log = read_log(tmp_path / "stuck" / "log.jsonl")
+    evals = [r for r in log if r["type"] == "eval"]
+    assert [e["pred_classes"] for e in evals] == [1.0, 1.0] and all(e["accuracy"] < 1 for e in evals)
+    warnings = [r for r in log if r["type"] == "warning"]
+    assert [w["step"] for w in warnings] == [res.best_step] and "one class" in warnings[0]["message"]
+    assert capsys.readouterr().out.count("warning: step") == 1
+
+    train(small_config(shared_data, tmp_path / "free", max_steps=4, eval_limit=32))
+    log = read_log(tmp_path / "free" / "log.jsonl")
+    # one class at step 2 is the normal start; the kept adapter (step 4) answers both, so no warning
+    assert [(e["step"], e["pred_classes"]) for e in log if e["type"] == "eval"] == [(2, 1.0), (4, 2.0)]
+    assert json.loads((tmp_path / "free" / "results.json").read_text())["best_step"] == 4
+    assert not [r for r in log if r["type"] == "warning"]
+
+
 def test_a_regression_run_that_predicts_one_value_says_so(shared_data, tmp_path, capsys):
     """AdaKron's lost STS-B seed gave every dev pair one prediction (pred_spread 4.4e-5) and trained on silently."""
 

@@ -39,7 +39,7 @@ from cotune.service.store import (
     atomic_write_bytes,
 )
 from cotune.service.workload import Workload, build_workload, check_adapter_size
-from cotune.tasks.metrics import collapse_warning
+from cotune.tasks.metrics import collapse_warning, one_class_warning
 
 log = logging.getLogger("cotune.service")
 
@@ -415,11 +415,13 @@ class Jobs:
                 set_active(self.bank.model, None)
             result["eval"] = metrics
             values = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-            collapsed = collapse_warning(metrics, job.workload.task.metric)  # a regression job that lost its run
-            if collapsed is not None:
-                result["warnings"].append(collapsed)
-                values["warning_collapsed"] = 1.0
-                log.warning("job %s: %s", job.rec.id, collapsed)
+            metric = job.workload.task.metric
+            for name, warning in (("warning_collapsed", collapse_warning(metrics, metric)),
+                                  ("warning_one_class_predicted", one_class_warning(metrics, metric))):
+                if warning is not None:  # a job that lost its run, or never left one answer
+                    result["warnings"].append(warning)
+                    values[name] = 1.0
+                    log.warning("job %s: %s", job.rec.id, warning)
             self.store.add_metrics(job.rec.id, job.step, values)
         job_dir = self.store.job_dir(job.rec.id)
         tmp, final = job_dir / ".adapter.tmp", self.store.adapter_dir(job.rec.id)

@@ -109,6 +109,17 @@ def collapse_warning(metrics: Mapping[str, float], metric: str) -> str | None:
             "output swamps its layer's does this: try a lower optim.lr or another seed")
 
 
+def one_class_warning(metrics: Mapping[str, float], metric: str) -> str | None:
+    """What to tell the user when a classifier's evaluation gave every row one class (``pred_classes`` 1) and
+    got some wrong, else None: its score is what always answering that class scores, the majority baseline at
+    best. Early in a run this is normal; it means something for the adapter a run keeps (docs/RESULTS.md's
+    grid, where several methods never left MRPC's all-"paraphrase" F1)."""
+    if metrics.get("pred_classes") != 1 or not metrics.get("accuracy", 1.0) < 1.0:
+        return None
+    return (f"every evaluation row gets one class: {metric} {metrics.get(metric, math.nan):.4g} is what always "
+            "answering it scores, the majority baseline at best. Train longer, or try another optim.lr or seed")
+
+
 @lru_cache(maxsize=2)
 def _rouge_scorer(use_stemmer: bool):
     from rouge_score import rouge_scorer

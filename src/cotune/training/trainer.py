@@ -42,7 +42,7 @@ from cotune.adapters.registry import make_config
 from cotune.engines.base import make_engine
 from cotune.errors import CotuneError
 from cotune.tasks.base import ALIASES
-from cotune.tasks.metrics import collapse_warning
+from cotune.tasks.metrics import collapse_warning, one_class_warning
 from cotune.tasks.order import step_rows
 from cotune.tasks.progress import progress
 from cotune.training.checkpoint import (
@@ -385,18 +385,17 @@ class Trainer:
         step = self.state.step
         self.state.evals.append({"step": step, **metrics})
         self.log.log({"type": "eval", "step": step, "split": "validation", **metrics})
-        self._warn_if_collapsed(metrics)
+        # A regression head that gives every input one value has lost the run: say so while it trains.
+        self._warn(step, collapse_warning(metrics, metric))
         if self._better(metrics[metric]):
             self.state.best_metric, self.state.best_step = metrics[metric], step
             save_adapter(self.model, self.out / "adapter")
         return metrics
 
-    def _warn_if_collapsed(self, metrics: dict[str, float]) -> None:
-        # A regression head that gives every input one value has lost the run: say so while it trains.
-        msg = collapse_warning(metrics, self.task.metric)
+    def _warn(self, step: int, msg: str | None) -> None:
         if msg is not None:
-            self.log.log({"type": "warning", "step": self.state.step, "message": msg})
-            self.say(f"warning: step {self.state.step}: {msg}")
+            self.log.log({"type": "warning", "step": step, "message": msg})
+            self.say(f"warning: step {step}: {msg}")
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -471,6 +470,8 @@ class Trainer:
         if self.val_rows is None:
             save_adapter(self.model, self.out / "adapter")  # no validation: the final adapter is the result
         best = next((e for e in st.evals if e["step"] == st.best_step), {})
+        # one class early in a run is normal; for the adapter the run keeps it is the result
+        self._warn(st.best_step or st.step, one_class_warning(best, self.task.metric))
         test = None
         if cfg.test:
             self.load_best()
