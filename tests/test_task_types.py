@@ -291,6 +291,9 @@ def test_image_cls_fashion_mnist(shared_data):
         opt.step()
     after = task.evaluate(model, val)
     assert after["accuracy"] > 0.65 > before["accuracy"] and after["loss"] < before["loss"]
+    with torch.no_grad():
+        want = len(set(model(task.collate(val)["pixel_values"]).argmax(-1).tolist()))
+    assert after["pred_classes"] == want > 1
 
 
 def test_image_cls_trains_through_the_trainer(shared_data, tmp_path):

@@ -101,5 +101,6 @@ class ImageClsTask(TaskBase):
                 logits = logits_of(model(b["pixel_values"])).float()
                 loss_sum += F.cross_entropy(logits, b["labels"], reduction="sum").item()
                 preds += logits.argmax(-1).tolist()
-        out = {"accuracy": M.accuracy(preds, [r["label"] for r in rows]), "loss": loss_sum / len(rows)}
+        out = {"accuracy": M.accuracy(preds, [r["label"] for r in rows]), "loss": loss_sum / len(rows),
+               "pred_classes": float(len(set(preds)))}
         return self.check_metrics(out)
