@@ -61,6 +61,13 @@ def test_the_warnings_fire_on_their_thresholds_only():
     for quiet in ({"pred_spread": 2e-3}, {"pred_spread": math.nan}, {}):  # spread, no label spread, classification
         assert M.collapse_warning(quiet, "pearson") is None
     assert "accuracy 0.5" in M.one_class_warning({"pred_classes": 1.0, "accuracy": 0.5}, "accuracy")
+    # the class it answered, by index and, when the task has them, by name
+    one = M.predicted_classes([1, 1, 1])
+    assert one == {"pred_classes": 1.0, "pred_top_class": 1.0}
+    assert "(class 1, 'positive')" in M.one_class_warning({**one, "accuracy": 0.5}, "accuracy", ["negative", "positive"])
+    for names in (None, ["0", "1"]):  # no names, or names that only repeat the index (GLUE's TSVs)
+        assert "(class 1)" in M.one_class_warning({**one, "accuracy": 0.5}, "accuracy", names)
+    assert M.predicted_classes([2, 0, 2, 0, 1]) == {"pred_classes": 3.0, "pred_top_class": 0.0}  # a tie: the smaller
     # two answers, a one-class evaluation set answered right, a regression evaluation: nothing to say
     for quiet in ({"pred_classes": 2.0, "accuracy": 0.5}, {"pred_classes": 1.0, "accuracy": 1.0}, {"pearson": 0.3}):
         assert M.one_class_warning(quiet, "accuracy") is None

@@ -377,7 +377,7 @@ def test_a_run_whose_kept_adapter_answers_one_class_says_so(shared_data, tmp_pat
     evals = [r for r in log if r["type"] == "eval"]
     assert [e["pred_classes"] for e in evals] == [1.0, 1.0] and all(e["accuracy"] < 1 for e in evals)
     warnings = [r for r in log if r["type"] == "warning"]
-    assert [w["step"] for w in warnings] == [res.best_step] and "one class" in warnings[0]["message"]
+    assert [w["step"] for w in warnings] == [res.best_step] and "one class (class 1)" in warnings[0]["message"]
     assert capsys.readouterr().out.count("warning: step") == 1
 
     train(small_config(shared_data, tmp_path / "free", max_steps=4, eval_limit=32))

@@ -415,9 +415,10 @@ class Jobs:
                 set_active(self.bank.model, None)
             result["eval"] = metrics
             values = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-            metric = job.workload.task.metric
-            for name, warning in (("warning_collapsed", collapse_warning(metrics, metric)),
-                                  ("warning_one_class_predicted", one_class_warning(metrics, metric))):
+            task = job.workload.task
+            names = getattr(task, "label_names", None)  # a seq_cls task's; other task types have none
+            for name, warning in (("warning_collapsed", collapse_warning(metrics, task.metric)),
+                                  ("warning_one_class_predicted", one_class_warning(metrics, task.metric, names))):
                 if warning is not None:  # a job that lost its run, or never left one answer
                     result["warnings"].append(warning)
                     values[name] = 1.0

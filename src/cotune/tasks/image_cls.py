@@ -102,5 +102,5 @@ class ImageClsTask(TaskBase):
                 loss_sum += F.cross_entropy(logits, b["labels"], reduction="sum").item()
                 preds += logits.argmax(-1).tolist()
         out = {"accuracy": M.accuracy(preds, [r["label"] for r in rows]), "loss": loss_sum / len(rows),
-               "pred_classes": float(len(set(preds)))}
+               **M.predicted_classes(preds)}
         return self.check_metrics(out)

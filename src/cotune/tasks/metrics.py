@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -109,15 +110,30 @@ def collapse_warning(metrics: Mapping[str, float], metric: str) -> str | None:
             "output swamps its layer's does this: try a lower optim.lr or another seed")
 
 
-def one_class_warning(metrics: Mapping[str, float], metric: str) -> str | None:
+def predicted_classes(preds: Sequence[int]) -> dict[str, float]:
+    """How a classifier's evaluation answered: ``pred_classes``, the number of distinct classes it predicted (1:
+    every row got one class), and ``pred_top_class``, the class it predicted most (the smallest on a tie)."""
+    counts = Counter(preds)
+    top = min(counts, key=lambda c: (-counts[c], c))
+    return {"pred_classes": float(len(counts)), "pred_top_class": float(top)}
+
+
+def one_class_warning(metrics: Mapping[str, float], metric: str, names: Sequence[str] | None = None) -> str | None:
     """What to tell the user when a classifier's evaluation gave every row one class (``pred_classes`` 1) and
     got some wrong, else None: its score is what always answering that class scores, the majority baseline at
     best. Early in a run this is normal; it means something for the adapter a run keeps (docs/RESULTS.md's
-    grid, where several methods never left MRPC's all-"paraphrase" F1)."""
+    grid, where several methods never left MRPC's all-"paraphrase" F1). ``names`` (the task's label names, when
+    it has them and they are more than its indices) names the class beside its index."""
     if metrics.get("pred_classes") != 1 or not metrics.get("accuracy", 1.0) < 1.0:
         return None
-    return (f"every evaluation row gets one class: {metric} {metrics.get(metric, math.nan):.4g} is what always "
-            "answering it scores, the majority baseline at best. Train longer, or try another optim.lr or seed")
+    which = ""
+    if "pred_top_class" in metrics:
+        k = int(metrics["pred_top_class"])
+        named = names is not None and 0 <= k < len(names) and str(names[k]) != str(k)  # GLUE's TSVs say "0", "1"
+        which = f" (class {k}, {names[k]!r})" if named else f" (class {k})"
+    return (f"every evaluation row gets one class{which}: {metric} {metrics.get(metric, math.nan):.4g} is what "
+            "always answering it scores, the majority baseline at best. Train longer, or try another optim.lr or "
+            "seed")
 
 
 @lru_cache(maxsize=2)

@@ -154,7 +154,7 @@ class SeqClsTask(TaskBase):
             )
         else:
             out["accuracy"] = M.accuracy(preds, ref)
-            out["pred_classes"] = float(len(set(preds)))  # 1: every row gets one class (the trainer warns)
+            out.update(M.predicted_classes(preds))  # pred_classes 1: every row gets one class (the trainer warns)
             task = self.data.task or ""
             if task == "cola":
                 out["mcc"] = M.mcc(preds, ref)

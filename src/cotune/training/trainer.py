@@ -471,7 +471,8 @@ class Trainer:
             save_adapter(self.model, self.out / "adapter")  # no validation: the final adapter is the result
         best = next((e for e in st.evals if e["step"] == st.best_step), {})
         # one class early in a run is normal; for the adapter the run keeps it is the result
-        self._warn(st.best_step or st.step, one_class_warning(best, self.task.metric))
+        names = getattr(self.task, "label_names", None)  # a seq_cls task's; other task types have none
+        self._warn(st.best_step or st.step, one_class_warning(best, self.task.metric, names))
         test = None
         if cfg.test:
             self.load_best()
