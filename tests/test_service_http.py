@@ -319,6 +319,27 @@ def test_a_job_that_answers_one_class_says_so(alice):
     assert not [m for m in c.metrics(longer["id"]) if m["name"].startswith("warning")]
 
 
+def test_a_job_with_eval_every_logs_a_learning_curve(alice):
+    """``eval_every`` evaluates midway too: the job's metrics hold a curve, the last point its result's."""
+    c, f, _ = alice
+    cli = [sys.executable, "-m", "cotune", "client", "--url", c.url, "submit", "--file-id", f["id"], "--steps",
+           str(TINY["steps"]), "--batch-size", "4", "--max-length", "32", "--lr", "5e-3", "--eval-every", "4",
+           "--wait", "r=4"]  # as the README's client line, so its flag is the one this tests
+    out = subprocess.run(cli, env={**os.environ, "COTUNE_TOKEN": c.token, "HF_HUB_OFFLINE": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)
+    assert st["status"] == "succeeded" and st["spec"]["eval_every"] == 4
+    curve = {m["step"]: m["value"] for m in c.metrics(st["id"]) if m["name"] == "eval_loss"}
+    assert sorted(curve) == [4, TINY["steps"]] and curve[4] != curve[TINY["steps"]]
+    assert curve[TINY["steps"]] == pytest.approx(st["result"]["eval"]["loss"])
+    # one class midway is a normal start, so only the end's evaluation flags it (this job's does)
+    assert [m["step"] for m in c.metrics(st["id"]) if m["name"] == "warning_one_class_predicted"] == [TINY["steps"]]
+    with pytest.raises(ServiceError) as e:
+        c.submit({"train": {"file_id": f["id"]}, **TINY, "eval_every": 0})
+    assert e.value.status == 422 and "eval_every" in str(e.value)
+
+
 def test_a_regression_job_whose_predictions_collapse_says_so(server, shared_data):
     """A tenant's own regression file is scored by Pearson; a job whose adapter swamps its layers (lr 0.5) gives
     every row one prediction, and its metrics and result say so, as ``cotune train`` does."""
@@ -329,13 +350,13 @@ def test_a_regression_job_whose_predictions_collapse_says_so(server, shared_data
     spec = {"train": {"file_id": f["id"]}, **TINY, "task_options": {
         "regression": True, "text_key": "sentence1", "text_pair_key": "sentence2", "label_key": "score"}}
     ok = c.wait(c.submit(spec)["id"], timeout=180)
-    lost = c.wait(c.submit({**spec, "optim": {"lr": 0.5}})["id"], timeout=180)
+    lost = c.wait(c.submit({**spec, "optim": {"lr": 0.5}, "eval_every": 3})["id"], timeout=180)
     assert ok["status"] == lost["status"] == "succeeded", (ok, lost, server.log_tail())
     assert ok["result"]["eval"]["pred_spread"] > 1e-3 and ok["result"]["warnings"] == []
     assert lost["result"]["eval"]["pred_spread"] < 1e-3 and "pearson" in lost["result"]["eval"]
     assert len(lost["result"]["warnings"]) == 1 and "collapsed to one value" in lost["result"]["warnings"][0]
     flags = [(m["name"], m["step"], m["value"]) for m in c.metrics(lost["id"]) if m["name"].startswith("warning")]
-    assert flags == [("warning_collapsed", TINY["steps"], 1.0)]
+    assert flags == [("warning_collapsed", 3, 1.0), ("warning_collapsed", TINY["steps"], 1.0)]  # midway too
     assert not [m for m in c.metrics(ok["id"]) if m["name"].startswith("warning")]
 
 

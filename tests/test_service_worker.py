@@ -24,7 +24,7 @@ from cotune.service.launch import ServerProcess
 def test_a_remote_worker_job_equals_the_server_side_fitter(tmp_path, shared_data):
     root = tmp_path / "root"
     spec = {"task": "seq_cls", "engine": "gl", "steps": 20, "batch_size": 4, "max_length": 32,
-            "adapter": {"r": 4}, "optim": {"lr": 3e-3}, "seed": 5}
+            "adapter": {"r": 4}, "optim": {"lr": 3e-3}, "seed": 5, "eval_every": 10}
     with ServerProcess(root, ["--threads", "1", "--rate-limit", "0"]) as srv:
         a, b = Client(srv.url), Client(srv.url)
         a.register("alice")
@@ -63,6 +63,12 @@ def test_a_remote_worker_job_equals_the_server_side_fitter(tmp_path, shared_data
         assert "MB per update" in out.stderr and (tmp_path / "worker" / "adapter" / "adapter_config.json").exists()
         server_side = a.submit({**spec, "train": {"file_id": f["id"]}})
         assert a.wait(server_side["id"], timeout=300)["status"] == "succeeded"
+        # the midway evaluation of the remote job reads the weights its worker sent back, as the server-side one
+        curves = [{(m["step"], m["name"]): m["value"] for m in a.metrics(j["id"]) if m["name"].startswith("eval_")}
+                  for j in (job, server_side)]
+        assert {s for s, _ in curves[0]} == {s for s, _ in curves[1]} == {10, 20}
+        for k, v in curves[1].items():
+            assert abs(curves[0][k] - v) <= 1e-5 * max(abs(v), 1.0), k
     remote_ad = load_file(str(tmp_path / "worker" / "adapter" / "adapter_model.safetensors"))
     server_ad = load_file(str(root / "jobs" / server_side["id"] / "adapter" / "adapter_model.safetensors"))
     assert remote_ad.keys() == server_ad.keys()

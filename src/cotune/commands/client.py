@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-length", type=int, default=128)
     s.add_argument("--lr", type=float, default=None, help="default: the method's tuned rate (1e-3 for zo and sgd)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps too (default: at the end)")
     s.add_argument("--wait", action="store_true", help="wait until the job finishes")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="adapter options, e.g. r=8 lora_alpha=16")
     st = sub.add_parser("status", help="a job's status (all jobs without an id)")
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
                 spec = {"train": train, "seed": args.seed, **({"task": args.task} if args.task else {}), "method": args.method, "engine": args.engine,
                         "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
                         "optim": {} if args.lr is None else {"lr": args.lr}, "adapter": parse_overrides(args.overrides)}
+                if args.eval_every is not None:
+                    spec["eval_every"] = args.eval_every
                 if args.fitter == "remote":
                     if args.engine != "gl":
                         raise CotuneError("--fitter remote is a gradient-learning option: add --engine gl")

@@ -87,6 +87,8 @@ class ActiveJob:
     workload: Workload
     step: int
     checkpoint_every: int
+    eval_every: int | None = None  # evaluate midway too, every this many steps (the spec's eval_every)
+    evaluated_at: int = 0  # the step of its last midway evaluation (or where it started)
     last_loss: float | None = None
     skipped: int = 0
     remote: Any = None  # its RemoteFitter when its updates run in the tenant's ``cotune worker``
@@ -172,7 +174,8 @@ class Jobs:
             self.store.add_metrics(rec.id, 0, dict.fromkeys(workload.warnings, 1.0))
             log.warning("job %s: %s", rec.id, "; ".join(workload.warnings.values()))
         every = rec.spec.get("checkpoint_every") or self.config.checkpoint_every
-        self.active[key] = ActiveJob(rec, key, workload, step, every)
+        self.active[key] = ActiveJob(rec, key, workload, step, every, eval_every=rec.spec.get("eval_every"),
+                                     evaluated_at=step)
         self._connect_remote(self.active[key])
         fields: dict[str, Any] = {"status": RUNNING, "step": step}
         if rec.started is None:
@@ -300,7 +303,7 @@ class Jobs:
         if job.step >= job.rec.total_steps:
             self._delivered_last.append(job)  # finished by ``finish_delivered``, once the worker has its answer
         else:  # every applied update: a restart resumes exactly where the worker's weights are
-            self._guard(job, self._checkpoint, job)
+            self._guard(job, self._evaluate_midway_and_checkpoint, job)
         return {"update": update, "step": job.step}
 
     def finish_delivered(self) -> None:
@@ -383,7 +386,10 @@ class Jobs:
             return
         if job.step >= job.rec.total_steps:
             self._finish(job)
-        elif job.step % job.checkpoint_every == 0:
+            return
+        if job.remote is None:  # a remote job's adapter moves when its worker's weights come back (``deliver``)
+            self._evaluate_midway(job)
+        if job.step % job.checkpoint_every == 0:
             self._checkpoint(job)
 
     def _guard(self, job: ActiveJob, fn: Callable[..., Any], *args: Any) -> None:
@@ -401,29 +407,50 @@ class Jobs:
         checkpoints.save(self.store.job_dir(job.rec.id), self.bank.model, job.key, self._trainer_state(job), state)
         self.store.update_job(job.rec.id, checkpoint_step=job.step)
 
-    def _finish(self, job: ActiveJob) -> None:
+    def _evaluate(self, job: ActiveJob, final: bool) -> tuple[dict[str, float], list[str]]:
+        """Evaluate the job's adapter now and log ``eval_*`` at its step, with a flag for each warning it earns
+        (one answer for every row; one class only at the end, since early in a run it is normal)."""
         from cotune.adapters.attach import set_active
 
+        set_active(self.bank.model, job.key)
+        try:
+            metrics = job.workload.evaluate(self.bank.model)
+        finally:
+            set_active(self.bank.model, None)
+        values = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+        task = job.workload.task
+        names = getattr(task, "label_names", None)  # a seq_cls task's; other task types have none
+        checks = [("warning_collapsed", collapse_warning(metrics, task.metric))]
+        if final:
+            checks.append(("warning_one_class_predicted", one_class_warning(metrics, task.metric, names)))
+        warnings = []
+        for name, warning in checks:
+            if warning is not None:  # a job that lost its run, or never left one answer
+                warnings.append(warning)
+                values[name] = 1.0
+                log.warning("job %s at step %d: %s", job.rec.id, job.step, warning)
+        self.store.add_metrics(job.rec.id, job.step, values)
+        return metrics, warnings
+
+    def _evaluate_midway(self, job: ActiveJob) -> None:
+        """The spec's ``eval_every``: evaluate once whenever the job has passed a multiple of it (a remote job's
+        steps arrive an update of I micro-batches at a time)."""
+        every = job.eval_every
+        if every and job.workload.has_eval and job.step // every > job.evaluated_at // every:
+            job.evaluated_at = job.step
+            self._evaluate(job, final=False)
+
+    def _evaluate_midway_and_checkpoint(self, job: ActiveJob) -> None:
+        self._evaluate_midway(job)
+        self._checkpoint(job)
+
+    def _finish(self, job: ActiveJob) -> None:
         result: dict[str, Any] = {"train_loss": job.last_loss, "skipped_steps": job.skipped,
                                   "truncated_rows": job.workload.truncated_rows,
                                   "warnings": list(job.workload.warnings.values())}
         if job.workload.has_eval:
-            set_active(self.bank.model, job.key)
-            try:
-                metrics = job.workload.evaluate(self.bank.model)
-            finally:
-                set_active(self.bank.model, None)
-            result["eval"] = metrics
-            values = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-            task = job.workload.task
-            names = getattr(task, "label_names", None)  # a seq_cls task's; other task types have none
-            for name, warning in (("warning_collapsed", collapse_warning(metrics, task.metric)),
-                                  ("warning_one_class_predicted", one_class_warning(metrics, task.metric, names))):
-                if warning is not None:  # a job that lost its run, or never left one answer
-                    result["warnings"].append(warning)
-                    values[name] = 1.0
-                    log.warning("job %s: %s", job.rec.id, warning)
-            self.store.add_metrics(job.rec.id, job.step, values)
+            result["eval"], warnings = self._evaluate(job, final=True)
+            result["warnings"] += warnings
         job_dir = self.store.job_dir(job.rec.id)
         tmp, final = job_dir / ".adapter.tmp", self.store.adapter_dir(job.rec.id)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -67,6 +67,8 @@ class JobSpec(Strict):
     max_length: int = Field(default=128, ge=8)
     seed: int = Field(default=0, ge=0, lt=2**31)
     checkpoint_every: int | None = Field(default=None, ge=1)
+    eval_every: int | None = Field(default=None, ge=1, description="evaluate every this many steps too, for a "
+                                   "learning curve in the job's metrics (eval_*); default: once, at the end")
 
 
     @field_validator("engine")
