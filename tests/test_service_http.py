@@ -338,6 +338,13 @@ def test_a_job_with_eval_every_logs_a_learning_curve(alice):
     with pytest.raises(ServiceError) as e:
         c.submit({"train": {"file_id": f["id"]}, **TINY, "eval_every": 0})
     assert e.value.status == 422 and "eval_every" in str(e.value)
+    # each midway evaluation holds every tenant's round: at most 20 per job (the default --max-job-evals)
+    with pytest.raises(ServiceError) as e:
+        c.submit({"train": {"file_id": f["id"]}, **TINY, "steps": 1000, "eval_every": 1})
+    assert e.value.status == 400 and "999 times" in str(e.value) and "eval_every to 48 or more" in str(e.value)
+    with pytest.raises(ServiceError):  # 21 midway evaluations
+        c.submit({"train": {"file_id": f["id"]}, **TINY, "steps": 1000, "eval_every": 47})
+    c.cancel(c.submit({"train": {"file_id": f["id"]}, **TINY, "steps": 1000, "eval_every": 48})["id"])  # 20: taken
 
 
 def test_a_regression_job_whose_predictions_collapse_says_so(server, shared_data):

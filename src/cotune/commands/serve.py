@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-step-tokens", type=int, default=16_384,
                    help="most batch_size x max_length of one job's step, so no tenant's step holds up the others "
                         "for long (a larger batch: grad_accum or interval micro-batches)")
+    p.add_argument("--max-job-evals", type=int, default=20,
+                   help="midway evaluations (eval_every) one job may ask for: each holds every job's training up")
     p.add_argument("--tenant-compute-tokens", type=float, default=None,
                    help="compute quota per tenant in training token slots, steps x batch_size x max_length over all "
                         "its jobs, deleted ones included (default: none)")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
         max_adapter_params=args.max_adapter_params, rate_limit=args.rate_limit,
         tenant_storage_bytes=int(args.tenant_storage_mb * 2**20), torch_threads=args.threads,
-        max_step_tokens=args.max_step_tokens, worker_timeout_s=args.worker_timeout,
+        max_step_tokens=args.max_step_tokens, worker_timeout_s=args.worker_timeout, max_job_evals=args.max_job_evals,
         tenant_compute_tokens=int(args.tenant_compute_tokens) if args.tenant_compute_tokens else None,
         memory_limit_bytes=int(args.memory_limit_mb * 2**20) if args.memory_limit_mb else None,
     )

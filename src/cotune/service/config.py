@@ -46,6 +46,9 @@ class ServiceConfig:
     # One job's share of a round: batch_size x max_length tokens per step at most, so that no tenant's step holds
     # the others up for long (a larger batch is grad_accum / interval micro-batches of this size)
     max_step_tokens: int = 16_384
+    # A midway evaluation (a job's eval_every) holds every job's round for a pass over its evaluation rows: at most
+    # this many per job, so that no tenant's curve stalls the others' training
+    max_job_evals: int = 20
     worker_timeout_s: float = 300.0  # a remote-fitter job waits this long for its worker's weights, then pauses
     tenant_compute_tokens: int | None = None  # training token slots (steps x batch_size x max_length) per tenant
     memory_limit_bytes: int | None = None  # the server's memory for the base model and the training step
@@ -69,7 +72,7 @@ class ServiceConfig:
             raise CotuneError("max_upload_bytes must be positive")
         if self.max_step_tokens <= 0 or (self.tenant_compute_tokens is not None and self.tenant_compute_tokens <= 0):
             raise CotuneError("max_step_tokens and tenant_compute_tokens must be positive")
-        if self.checkpoint_every <= 0:
-            raise CotuneError("checkpoint_every must be positive")
+        if self.checkpoint_every <= 0 or self.max_job_evals < 0:
+            raise CotuneError("checkpoint_every must be positive and max_job_evals not negative")
         if self.admin_token is None:
             self.admin_token = os.environ.get("COTUNE_ADMIN_TOKEN") or None

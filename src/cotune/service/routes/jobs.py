@@ -47,6 +47,11 @@ def submit(spec: JobSpec, tid: Tenant, store: StoreDep, config: ConfigDep, runne
         raise HTTPException(400, f"batch_size={spec.batch_size} exceeds the limit of {config.max_batch_size}")
     if spec.max_length > config.max_length:
         raise HTTPException(400, f"max_length={spec.max_length} exceeds the limit of {config.max_length}")
+    if spec.eval_every is not None and (midway := (spec.steps - 1) // spec.eval_every) > config.max_job_evals:
+        least = (spec.steps - 1) // (config.max_job_evals + 1) + 1
+        raise HTTPException(400, f"eval_every={spec.eval_every} evaluates {midway} times before the end of "
+                                 f"{spec.steps} steps; this server allows {config.max_job_evals} per job, since each "
+                                 f"holds up every job's training: set eval_every to {least} or more")
     if (tokens := step_tokens(spec.model_dump())) > config.max_step_tokens:
         accum = "engine_options.interval" if spec.engine == "gl" else "engine_options.grad_accum"
         raise HTTPException(400, f"batch_size x max_length = {tokens} tokens per step; this server trains at most "
