@@ -33,6 +33,7 @@ SKIP = {
     "cotune serve": "starts a long-running HTTP server (tested in test_service_http.py)",
     "cotune client register": "needs a running server (tested in test_service_http.py)",
     "cotune client submit": "needs a running server (tested in test_service_http.py, test_service_worker.py)",
+    "cotune client metrics": "needs a running server and a job (tested in test_service_http.py)",
     "cotune worker": "needs a running server and a remote-fitter job (tested in test_service_worker.py)",
     "cotune chat --adapter DIR": "needs a causal-LM adapter, minutes to train here (tested in test_chat_command.py)",
     "cotune verify": "runs for a minute or more on 2 cores (tested in tests/test_verify*.py)",

@@ -28,6 +28,7 @@ import httpx
 import pytest
 import torch
 
+from cotune.commands.client import curve_records
 from cotune.service.client import Client, ServiceError
 from cotune.service.launch import ServerProcess
 
@@ -319,20 +320,31 @@ def test_a_job_that_answers_one_class_says_so(alice):
     assert not [m for m in c.metrics(longer["id"]) if m["name"].startswith("warning")]
 
 
-def test_a_job_with_eval_every_logs_a_learning_curve(alice):
+def test_a_job_with_eval_every_logs_a_learning_curve(alice, tmp_path):
     """``eval_every`` evaluates midway too: the job's metrics hold a curve, the last point its result's."""
     c, f, _ = alice
     cli = [sys.executable, "-m", "cotune", "client", "--url", c.url, "submit", "--file-id", f["id"], "--steps",
            str(TINY["steps"]), "--batch-size", "4", "--max-length", "32", "--lr", "5e-3", "--eval-every", "4",
            "--wait", "r=4"]  # as the README's client line, so its flag is the one this tests
-    out = subprocess.run(cli, env={**os.environ, "COTUNE_TOKEN": c.token, "HF_HUB_OFFLINE": "1"},
-                         capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "COTUNE_TOKEN": c.token, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)
     assert st["status"] == "succeeded" and st["spec"]["eval_every"] == 4
     curve = {m["step"]: m["value"] for m in c.metrics(st["id"]) if m["name"] == "eval_loss"}
     assert sorted(curve) == [4, TINY["steps"]] and curve[4] != curve[TINY["steps"]]
     assert curve[TINY["steps"]] == pytest.approx(st["result"]["eval"]["loss"])
+    # the curve as `cotune train` draws one: loss per step, and the job's own metric at each evaluation
+    records = curve_records(c.metrics(st["id"]))
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, TINY["steps"] + 1))
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [4, TINY["steps"]] and st["result"]["metric"] == "accuracy"
+    assert evals[-1]["accuracy"] == st["result"]["eval"]["accuracy"] and evals[0]["loss"] == curve[4]
+    png = tmp_path / "curve.png"
+    out = subprocess.run([*cli[:6], "metrics", st["id"], "--plot", str(png)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", out.stderr
+    assert json.loads(out.stdout) == c.metrics(st["id"])
     # one class midway is a normal start, so only the end's evaluation flags it (this job's does)
     assert [m["step"] for m in c.metrics(st["id"]) if m["name"] == "warning_one_class_predicted"] == [TINY["steps"]]
     with pytest.raises(ServiceError) as e:

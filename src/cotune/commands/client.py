@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from cotune.errors import CotuneError
 
@@ -46,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     st.add_argument("job_id", nargs="?")
     m = sub.add_parser("metrics", help="a job's logged metrics")
     m.add_argument("job_id")
+    m.add_argument("--plot", metavar="PNG", help="also draw its learning curve (train loss, eval metric) there")
+    m.add_argument("--metric", default=None, help="the eval metric to draw (default: the job's own, else loss)")
     w = sub.add_parser("wait", help="wait for a job to finish")
     w.add_argument("job_id")
     w.add_argument("--timeout", type=float, default=3600)
@@ -109,7 +112,14 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "status":
             _print(c.status(args.job_id) if args.job_id else c.jobs())
         elif args.action == "metrics":
-            _print(c.metrics(args.job_id))
+            rows = c.metrics(args.job_id)
+            _print(rows)
+            if args.plot:
+                from cotune.training.logging import plot_curve
+
+                metric = args.metric or (c.status(args.job_id).get("result") or {}).get("metric") or "loss"
+                png = plot_curve(curve_records(rows), args.plot, metric, title=f"job {args.job_id}")
+                print(f"learning curve: {png}", file=sys.stderr)
         elif args.action == "wait":
             st = c.wait(args.job_id, timeout=args.timeout)
             _print(st)
@@ -130,3 +140,14 @@ def run(args: argparse.Namespace) -> int:
             _print(c.predict(args.job_id, args.inputs, args.max_new_tokens))
     sys.stdout.flush()
     return 0
+
+
+def curve_records(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A job's metric rows (``step``, ``name``, ``value``) as a run log's records: ``loss`` rows as ``train``
+    records, the ``eval_*`` rows of each step as one ``eval`` record, so a job draws as ``cotune train`` does."""
+    train = [{"type": "train", "step": m["step"], "loss": m["value"]} for m in metrics if m["name"] == "loss"]
+    evals: dict[int, dict[str, Any]] = {}
+    for m in metrics:
+        if m["name"].startswith("eval_"):
+            evals.setdefault(m["step"], {"type": "eval", "step": m["step"]})[m["name"][len("eval_"):]] = m["value"]
+    return train + [evals[k] for k in sorted(evals)]

@@ -450,6 +450,7 @@ class Jobs:
                                   "warnings": list(job.workload.warnings.values())}
         if job.workload.has_eval:
             result["eval"], warnings = self._evaluate(job, final=True)
+            result["metric"] = job.workload.task.metric  # its task's primary metric (what `client metrics --plot` draws)
             result["warnings"] += warnings
         job_dir = self.store.job_dir(job.rec.id)
         tmp, final = job_dir / ".adapter.tmp", self.store.adapter_dir(job.rec.id)

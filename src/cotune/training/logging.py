@@ -63,13 +63,18 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def plot_learning_curve(log_path: str | os.PathLike, png_path: str | os.PathLike, metric: str, title: str = "") -> Path:
-    """Train loss (left axis) and the validation ``metric`` (right axis) against the step."""
+    """Train loss (left axis) and the validation ``metric`` (right axis) against the step, from a run's log."""
+    return plot_curve(read_log(log_path), png_path, metric, title)
+
+
+def plot_curve(records: list[dict[str, Any]], png_path: str | os.PathLike, metric: str, title: str = "") -> Path:
+    """Train loss and validation ``metric`` against the step, from ``log.jsonl``-shaped records (``type``
+    ``train`` with a ``loss``, ``eval`` with ``metric``)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; safe in threads and on servers
     import matplotlib.pyplot as plt
 
-    records = read_log(log_path)
     train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train" and _finite(r.get("loss"))]
     evals = [(r["step"], r[metric]) for r in records if r.get("type") == "eval" and _finite(r.get(metric))]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
