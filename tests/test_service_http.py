@@ -6,7 +6,8 @@ What is proven here:
 * predictions of two tenants answered in ONE routed base pass equal each tenant's own PEFT model;
 * every endpoint refuses another tenant's jobs, files and adapters (404) and requests without a valid token (401);
 * upload limits (413), path-escaping names, bad file types, server paths outside the data roots, and a
-  malformed data file (the job fails with a readable reason; the server keeps serving);
+  malformed data file (the job fails with a readable reason; the server keeps serving); the same for OpenAI's
+  multipart upload (``files.create``), whose limit holds while the body streams in;
 * adapters above a layer's width or the server's parameter limit are refused before anything is built, and a
   one-class training file, a job whose evaluation answers one class, or a regression job whose predictions
   collapse to one value, trains with a warning in the job's metrics and result;
@@ -16,6 +17,7 @@ What is proven here:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -97,7 +99,9 @@ def test_openapi_lists_the_endpoints(server):
     paths = schema["paths"]
     for p in ["/v1/tenants", "/v1/files", "/v1/files/{file_id}", "/v1/jobs", "/v1/jobs/{job_id}",
               "/v1/jobs/{job_id}/metrics", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/adapter",
-              "/v1/jobs/{job_id}/adapter/{name}", "/v1/jobs/{job_id}/predict", "/healthz"]:
+              "/v1/jobs/{job_id}/adapter/{name}", "/v1/jobs/{job_id}/predict", "/healthz", "/v1/fine_tuning/jobs",
+              "/v1/fine_tuning/jobs/{job_id}", "/v1/fine_tuning/jobs/{job_id}/cancel",
+              "/v1/fine_tuning/jobs/{job_id}/events"]:
         assert p in paths, p
     assert "post" in paths["/v1/jobs"] and "get" in paths["/v1/jobs/{job_id}"]
 
@@ -222,6 +226,46 @@ def test_upload_limits_names_and_types(server, alice, shared_data):
     with pytest.raises(ServiceError) as e:
         c.request("GET", f"/v1/files/{'..%2F..%2Fetc%2Fpasswd'}")
     assert e.value.status == 404
+
+
+def test_openai_multipart_upload_is_streamed_and_limited(server, alice, shared_data):
+    """``files.create`` of the ``openai`` client (multipart ``file`` + ``purpose``) stores the same bytes as the raw
+    upload, under the same limit, refused as it streams; on an encoder server ``fine_tuning.jobs.create`` says why
+    it cannot train there, in OpenAI's shape."""
+    openai = pytest.importorskip("openai")
+    c, _, _ = alice
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key=c.token, max_retries=0)
+    data = sst2_rows(shared_data, 8)
+    rec = api.files.create(file=("../../etc/passwd.tsv", data), purpose="fine-tune")
+    assert (rec.filename, rec.bytes, rec.purpose, rec.object) == ("passwd.tsv", len(data), "fine-tune", "file")
+    assert c.request("GET", f"/v1/files/{rec.id}/content").content == data
+    assert c.files()[-1]["sha256"] == hashlib.sha256(data).hexdigest()
+    c.delete_file(rec.id)
+    before = sorted(p.name for p in (server.root / "files").iterdir())
+    with pytest.raises(openai.APIStatusError) as e:  # 0.05 MiB limit, with Content-Length
+        api.files.create(file=("big.tsv", b"x\t1\n" * 20_000), purpose="fine-tune")
+    assert e.value.status_code == 413
+    boundary = "cotunetest"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--{boundary}\r\n'
+            'Content-Disposition: form-data; name="file"; filename="big.tsv"\r\n\r\n').encode()
+    stream = iter([head, *[b"x\t1\n" * 5_000] * 4, f"\r\n--{boundary}--\r\n".encode()])  # no Content-Length
+    r = httpx.post(server.url + "/v1/files", content=stream, headers={
+        "Authorization": f"Bearer {c.token}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413, r.text
+    assert sorted(p.name for p in (server.root / "files").iterdir()) == before  # nothing left behind
+    with pytest.raises(openai.BadRequestError, match="purpose 'assistants'") as e:
+        api.files.create(file=("a.tsv", data), purpose="assistants")
+    assert e.value.body["param"] == "purpose"
+    with pytest.raises(openai.BadRequestError, match="not accepted"):
+        api.files.create(file=("evil.sh", b"rm -rf /"), purpose="fine-tune")
+    for form, files, words in [({"purpose": "fine-tune"}, {"other": ("a.tsv", data)}, "no 'file' part"),
+                               ({}, {"file": ("a.tsv", data)}, "purpose '(none)'")]:
+        r = httpx.post(server.url + "/v1/files", data=form, files=files, headers={"Authorization": f"Bearer {c.token}"})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    assert sorted(p.name for p in (server.root / "files").iterdir()) == before
+    with pytest.raises(openai.BadRequestError, match="is an encoder") as e:
+        api.fine_tuning.jobs.create(model="minilm", training_file="f" * 32)
+    assert e.value.body["param"] == "model"
 
 
 def test_server_paths_only_under_data_roots(server, alice, shared_data):

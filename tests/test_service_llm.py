@@ -7,8 +7,10 @@ What is proven here (one SmolLM2-135M-Instruct server subprocess, real Alpaca ro
   loretta_adp/zo), then asked concurrently through the real ``openai`` client: each answer equals the same
   request asked alone, and the lowrank tenant's equals Hugging Face ``generate`` on its adapter loaded by PEFT;
 * streaming (server-sent events) gives the same text as the plain answer; ``/v1/completions``, ``/v1/models``;
+* OpenAI's fine-tuning API through the ``openai`` client (files.create, fine_tuning.jobs.create / retrieve /
+  list / list_events / cancel) trains exactly the cotune job it documents: adapters equal to the last bit;
 * the README's walkthrough (``sh`` and ``py`` blocks of its LLM section) runs as written against this server,
-  with the job shortened by appended flags;
+  with the job shortened by appended flags (the fine-tuning example on 6 rows of its file);
 * isolation and errors in OpenAI's shape: another tenant's model is 404, a bad key 401, ``max_tokens`` over the
   limit or past the context window 400; a chat file with an empty assistant turn fails its job naming the line
   and the upload's name (never a server path); rows longer than ``max_length`` are counted in the job's metrics.
@@ -195,11 +197,96 @@ def test_isolation_and_errors_in_openai_shape(server, tenants, shared_data):
     assert ask(api, sa["id"]) == ask(api, sa["id"])  # the failed job touched nothing of the others
 
 
-def test_readme_walkthrough_runs_as_written(server):
+def test_openai_fine_tuning_api_trains_the_job_it_documents(server, shared_data, tmp_path):
+    """The whole loop through the ``openai`` client: files.create, fine_tuning.jobs.create / retrieve / list /
+    list_events / cancel, then chat with ``fine_tuned_model``. The reference is the cotune job its docstring says
+    it is (steps = ceil(n_epochs x rows / batch_size), lr = multiplier x LoRA's tuned rate, every row trained, the
+    validation file scored on the way), submitted natively after it: the two adapters are equal to the last bit
+    (each trains alone: jobs in one round are padded together, which moves the last bits)."""
+    import time
+
+    from cotune.adapters.methods import default_lr
+
+    c = Client(server.url)
+    c.register("dave")
+    api = oai(server, c)
+    rows, held = chat_rows(shared_data, n=7, offset=120), chat_rows(shared_data, n=3, offset=130)
+    train = api.files.create(file=("chat.jsonl", rows), purpose="fine-tune")
+    valid = api.files.create(file=("valid.jsonl", held), purpose="fine-tune")
+    assert (train.object, train.bytes, train.filename, train.purpose) == ("file", len(rows), "chat.jsonl", "fine-tune")
+    assert c.request("GET", f"/v1/files/{train.id}/content").content == rows
+    hyper = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2.0}
+    job = api.fine_tuning.jobs.create(model="smollm2", training_file=train.id, validation_file=valid.id, seed=3,
+                                      method={"type": "supervised", "supervised": {"hyperparameters": hyper}})
+    assert job.object == "fine_tuning.job" and job.fine_tuned_model is None and job.status in ("queued", "running")
+    assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 4 and job.seed == 3
+    assert c.status(job.id)["total_steps"] == 4  # ceil(2 epochs x 7 rows / 4)
+    deadline = time.time() + 600
+    while (job := api.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.time() < deadline, server.log_tail()
+        time.sleep(0.5)
+    assert job.status == "succeeded" and job.fine_tuned_model == job.id and job.finished_at, job.error
+    twin = c.submit({"task": "causal_lm", "method": "lowrank", "steps": 4, "batch_size": 4, "max_length": 512,
+                     "seed": 3, "optim": {"lr": 2.0 * default_lr("lowrank")}, "train": {"file_id": train.id},
+                     "eval": {"file_id": valid.id}, "eval_every": 1,  # ceil(4 / 5): four points before the end
+                     "task_options": {"val_fraction": 0.0, "test_fraction": 0.0, "metric": "loss"}})
+    assert c.wait(twin["id"], timeout=600)["status"] == "succeeded"
+    ours = load_file(c.download(job.id, tmp_path / "ours") / "adapter_model.safetensors")
+    native = load_file(c.download(twin["id"], tmp_path / "native") / "adapter_model.safetensors")
+    assert ours.keys() == native.keys() and ours
+    for k in ours:
+        torch.testing.assert_close(ours[k], native[k], atol=0, rtol=0)
+    # events: newest first, one per step with the training loss the job logged, and the validation loss
+    events = api.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert events[0].message == "The job has successfully completed" and events[-1].message == "Created fine-tuning job"
+    steps = [e for e in events if e.type == "metrics"][::-1]
+    logged = {m["step"]: m["value"] for m in c.metrics(job.id) if m["name"] == "loss"}
+    valid_loss = {m["step"]: m["value"] for m in c.metrics(job.id) if m["name"] == "eval_loss"}
+    assert [e.data["step"] for e in steps] == [1, 2, 3, 4] and sorted(valid_loss) == [1, 2, 3, 4]
+    assert all(e.data["train_loss"] == logged[e.data["step"]] and e.data["valid_loss"] == valid_loss[e.data["step"]]
+               for e in steps)
+    assert steps[-1].message.startswith("Step 4/4: training loss=") and "validation loss=" in steps[-1].message
+    first = api.fine_tuning.jobs.list_events(job.id, limit=2)
+    assert first.has_more and [e.id for e in first.data] == [e.id for e in events[:2]]
+    after = api.fine_tuning.jobs.list_events(job.id, limit=2, after=first.data[-1].id)
+    assert [e.id for e in after.data] == [e.id for e in events[2:4]]
+    assert [j.id for j in api.fine_tuning.jobs.list().data] == [job.id]  # not the native twin
+    assert ask(api, job.fine_tuned_model) == ask(api, twin["id"])
+    # errors, in OpenAI's shape
+    with pytest.raises(openai.ConflictError):
+        api.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.NotFoundError):
+        api.fine_tuning.jobs.retrieve(twin["id"])
+    with pytest.raises(openai.BadRequestError) as e:
+        api.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=train.id)
+    assert e.value.body["param"] == "model" and "smollm2" in e.value.message
+    with Client(server.url) as other:
+        other.register("erin")
+        stranger = oai(server, other)
+        with pytest.raises(openai.NotFoundError):  # another tenant's file and job are not found, like missing ones
+            stranger.fine_tuning.jobs.create(model="smollm2", training_file=train.id)
+        with pytest.raises(openai.NotFoundError):
+            stranger.fine_tuning.jobs.retrieve(job.id)
+        assert stranger.fine_tuning.jobs.list().data == []
+    with pytest.raises(openai.BadRequestError) as e:
+        api.fine_tuning.jobs.create(model="smollm2", training_file=train.id, hyperparameters={"n_epochs": 10**6})
+    assert e.value.body["param"] == "hyperparameters.n_epochs" and "875000 steps" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        api.fine_tuning.jobs.create(model="smollm2", training_file=train.id, suffix="mine")
+    assert e.value.body["param"] == "suffix"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.fine_tuning.jobs.create(model="smollm2", training_file=train.id, method={"type": "dpo"})
+    assert e.value.body["param"] == "method.type"
+    with pytest.raises(openai.BadRequestError):
+        api.files.create(file=("chat.jsonl", rows), purpose="assistants")
+    c.close()
+
+
+def test_readme_walkthrough_runs_as_written(server, shared_data, tmp_path):
     text = (REPO / "README.md").read_text()
     section = text[text.index("## LLM fine-tuning as a service") : text.index("## How it fits together")]
     serve, steps = re.findall(r"^```sh\n(.*?)^```", section, flags=re.S | re.M)
-    (example,) = re.findall(r"^```py\n(.*?)^```", section, flags=re.S | re.M)
+    example, fine_tuning = re.findall(r"^```py\n(.*?)^```", section, flags=re.S | re.M)
     assert serve.startswith("cotune serve --model smollm2 ")  # the server this module runs
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     values: dict[str, str] = {}
@@ -233,3 +320,14 @@ def test_readme_walkthrough_runs_as_written(server):
     assert run.returncode == 0, run.stderr
     listed, answer = run.stdout.split("\n", 1)
     assert "'smollm2'" in listed and values["job"] in listed and answer.strip()
+    # the fine-tuning example on 6 of the file's 999 rows: one epoch at batch size 8 is one step
+    small = tmp_path / "alpaca_small.json"
+    small.write_text(json.dumps(json.loads((shared_data / "instruct" / "alpaca_en_demo.json").read_text())[:6]))
+    source = fill(fine_tuning).replace("../shared/data/instruct/alpaca_en_demo.json", str(small))
+    assert source != fill(fine_tuning)
+    run = subprocess.run([sys.executable, "-c", source], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, (run.stderr, server.log_tail())
+    status, answer = run.stdout.split("\n", 1)
+    assert status.startswith("succeeded ['The job has successfully completed', 'Step 1/1: training loss=")
+    assert answer.strip()

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 
 from cotune.errors import CotuneError
 from cotune.service.config import ServiceConfig
-from cotune.service.routes import adapters, files, health, jobs, openai, predict, tenants, worker
+from cotune.service.routes import adapters, files, fine_tuning, health, jobs, openai, predict, tenants, worker
 from cotune.service.routes.deps import RateLimiter
 from cotune.service.routes.files import safe_label
 from cotune.service.store import Store
@@ -33,7 +33,7 @@ __all__ = ["create_app", "safe_label"]
 
 #: Included in this order (the order of the OpenAPI document).
 ROUTERS = (health.router, tenants.router, files.router, jobs.router, worker.router, adapters.router, predict.router,
-           openai.router)
+           openai.router, fine_tuning.router)
 
 
 def create_app(config: ServiceConfig, store: Store | None = None, runner: Any = None) -> FastAPI:

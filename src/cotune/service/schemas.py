@@ -90,6 +90,11 @@ class FileInfo(BaseModel):
     size: int
     sha256: str
     created: float
+    object: Literal["file"] = Field(description="the fields from here on are OpenAI's file object's")
+    bytes: int
+    created_at: int
+    purpose: Literal["fine-tune"]
+    status: Literal["processed"]
 
 
 class JobInfo(BaseModel):

@@ -96,7 +96,10 @@ class FileRecord:
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "filename": self.filename, "size": self.size, "sha256": self.sha256,
-                "created": self.created}
+                "created": self.created,
+                # OpenAI's file object, so that its client reads an upload (every file here is training data)
+                "object": "file", "bytes": self.size, "created_at": int(self.created), "purpose": "fine-tune",
+                "status": "processed"}
 
 
 @dataclass

@@ -26,7 +26,7 @@ from cotune.service.store import RUNNING, SUCCEEDED, JobRecord, new_id
 #: Seconds a request may wait for its next event (its turn behind a training round, then each token).
 GENERATE_TIMEOUT_S = 600
 #: The routes whose errors (validation included) are written in OpenAI's shape.
-PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/fine_tuning")
 #: Tokens an answer may have when the request does not say (``max_tokens``), within the server's limit.
 DEFAULT_MAX_TOKENS = 256
 
