@@ -279,6 +279,9 @@ def test_openai_fine_tuning_api_trains_the_job_it_documents(server, shared_data,
     assert e.value.body["param"] == "method.type"
     with pytest.raises(openai.BadRequestError):
         api.files.create(file=("chat.jsonl", rows), purpose="assistants")
+    assert api.files.retrieve(valid.id).bytes == len(held) and api.files.delete(valid.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        api.files.retrieve(valid.id)
     c.close()
 
 

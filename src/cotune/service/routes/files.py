@@ -16,7 +16,7 @@ import time
 from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from cotune.service.config import ServiceConfig
@@ -218,14 +218,15 @@ def file_content(file_id: str, tid: Tenant, store: StoreDep) -> FileResponse:
     return FileResponse(store.file_path(rec.id, rec.ext), filename=rec.filename, media_type="application/octet-stream")
 
 
-@router.delete("/v1/files/{file_id}", status_code=204)
-def delete_file(file_id: str, tid: Tenant, store: StoreDep) -> Response:
+@router.delete("/v1/files/{file_id}")
+def delete_file(file_id: str, tid: Tenant, store: StoreDep) -> dict[str, Any]:
+    """Delete the upload (409 while an active job reads it); the answer is OpenAI's ``files.delete`` object."""
     rec = own_file(store, file_id, tid)
     busy = [j.id for j in store.list_jobs(tid, ACTIVE_STATES) if _uses_file(j.spec, rec.id)]
     if busy:
         raise HTTPException(409, f"file {file_id} is used by active job(s) {busy}; cancel them first")
     store.delete_file(rec)
-    return Response(status_code=204)
+    return {"id": rec.id, "object": "file", "deleted": True}
 
 
 def _uses_file(spec: dict[str, Any], file_id: str) -> bool:
