@@ -228,6 +228,20 @@ def test_upload_limits_names_and_types(server, alice, shared_data):
     assert e.value.status == 404
 
 
+def test_a_native_refusal_told_in_openais_shape_keeps_its_status_and_headers():
+    """A quota's 429 reaches an OpenAI client as its RateLimitError, with the Retry-After it backs off by."""
+    from fastapi import HTTPException
+
+    from cotune.service.routes.openai import OpenAIError
+
+    e = OpenAIError.of(HTTPException(429, "2 active jobs: the limit is 2", headers={"Retry-After": "30"}))
+    assert (e.status, e.headers) == (429, {"Retry-After": "30"})
+    assert e.body == {"message": "2 active jobs: the limit is 2", "type": "rate_limit_exceeded", "param": None,
+                      "code": None}
+    e = OpenAIError.of(HTTPException(409, "job x already succeeded"), param="job")
+    assert (e.status, e.headers, e.body["type"], e.body["param"]) == (409, None, "invalid_request_error", "job")
+
+
 def test_openai_multipart_upload_is_streamed_and_limited(server, alice, shared_data):
     """``files.create`` of the ``openai`` client (multipart ``file`` + ``purpose``) stores the same bytes as the raw
     upload, under the same limit, refused as it streams; on an encoder server ``fine_tuning.jobs.create`` says why

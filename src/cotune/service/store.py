@@ -59,6 +59,8 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 PAUSED = "paused"
 ACTIVE_STATES = (QUEUED, RUNNING)
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
+#: The one ``purpose`` (OpenAI's ``files.create``) a file here can have: data for training jobs.
+PURPOSE = "fine-tune"
 
 
 def new_id() -> str:
@@ -98,7 +100,7 @@ class FileRecord:
         return {"id": self.id, "filename": self.filename, "size": self.size, "sha256": self.sha256,
                 "created": self.created,
                 # OpenAI's file object, so that its client reads an upload (every file here is training data)
-                "object": "file", "bytes": self.size, "created_at": int(self.created), "purpose": "fine-tune",
+                "object": "file", "bytes": self.size, "created_at": int(self.created), "purpose": PURPOSE,
                 "status": "processed"}
 
 

@@ -23,14 +23,12 @@ from cotune.service.config import ServiceConfig
 from cotune.service.routes.deps import ConfigDep, StoreDep, Tenant, own_file
 from cotune.service.routes.openai import OpenAIError
 from cotune.service.schemas import FileInfo
-from cotune.service.store import ACTIVE_STATES, FileRecord, Store, new_id
+from cotune.service.store import ACTIVE_STATES, PURPOSE, FileRecord, Store, new_id
 
 #: Data formats the task loaders read; anything else is refused at upload time.
 UPLOAD_EXTENSIONS = (".tsv", ".csv", ".json", ".jsonl", ".txt")
 #: Bytes a multipart body may carry besides its file: the boundaries, part headers and the ``purpose`` field.
 FORM_OVERHEAD = 64 * 2**10
-#: The one ``purpose`` (OpenAI's ``files.create``) a file here can have: data for training jobs.
-PURPOSE = "fine-tune"
 
 router = APIRouter(tags=["files"])
 
@@ -144,8 +142,8 @@ async def upload(
     except HTTPException as e:
         if not form:
             raise
-        detail = str(e.detail)  # an OpenAI client reads errors in OpenAI's shape only
-        raise OpenAIError(e.status_code, detail, param="purpose" if "purpose" in detail else "file") from e
+        # an OpenAI client reads errors in OpenAI's shape only
+        raise OpenAIError.of(e, param="purpose" if "purpose" in str(e.detail) else "file") from e
     store.add_file(rec)
     return FileInfo(**rec.public())
 

@@ -152,50 +152,59 @@ def create(body: FineTuningRequest, tid: OpenAITenant, store: StoreDep, config: 
     try:
         info = job_routes.submit(spec, tid, store, config, runner)
     except HTTPException as e:
-        raise OpenAIError(e.status_code, str(e.detail)) from e
+        raise OpenAIError.of(e) from e
     folder = store.job_dir(info.id)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / ASKED, {"n_epochs": epochs, "learning_rate_multiplier": multiplier,
-                                       "training_rows": rows})
-    return _job(_own(store, info.id, tid), store, config.model_id)
+    atomic_write_json(folder / ASKED, {"n_epochs": epochs, "learning_rate_multiplier": multiplier})
+    return _job(*_own(store, info.id, tid), config.model_id)
 
 
 @router.get("/v1/fine_tuning/jobs")
 def list_jobs(tid: OpenAITenant, store: StoreDep, config: ConfigDep, after: str | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
     """The caller's fine-tuning jobs, newest first (``after``: the last id of the previous page)."""
-    jobs = [j for j in reversed(store.list_jobs(tid)) if (store.job_dir(j.id) / ASKED).is_file()]
-    return _page([_job(j, store, config.model_id) for j in jobs], after, limit)
+    jobs = [_job(j, asked, config.model_id) for j in reversed(store.list_jobs(tid)) if (asked := _asked(store, j.id))]
+    return _page(jobs, after, limit)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 def retrieve(job_id: str, tid: OpenAITenant, store: StoreDep, config: ConfigDep) -> dict[str, Any]:
-    return _job(_own(store, job_id, tid), store, config.model_id)
+    return _job(*_own(store, job_id, tid), config.model_id)
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 def cancel(job_id: str, tid: OpenAITenant, store: StoreDep, config: ConfigDep, runner: RunnerDep) -> dict[str, Any]:
-    _own(store, job_id, tid)
+    _own(store, job_id, tid)  # a native job is not found here, as in retrieve
     try:
         job_routes.cancel(job_id, tid, store, runner)
     except HTTPException as e:
-        raise OpenAIError(e.status_code, str(e.detail)) from e
-    return _job(_own(store, job_id, tid), store, config.model_id)
+        raise OpenAIError.of(e) from e
+    return _job(*_own(store, job_id, tid), config.model_id)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
 def list_events(job_id: str, tid: OpenAITenant, store: StoreDep, after: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
     """The job's events, newest first: created, started, one per step (training and validation loss), the end."""
-    return _page(_events(_own(store, job_id, tid), store)[::-1], after, limit)
+    return _page(_events(_own(store, job_id, tid)[0], store)[::-1], after, limit)
 
 
-def _own(store: Store, job_id: str, tid: str) -> JobRecord:
+def _asked(store: Store, job_id: str) -> dict[str, Any] | None:
+    """What fine-tuning job ``job_id`` asked for; None for a job submitted to ``POST /v1/jobs``."""
+    try:
+        return json.loads((store.job_dir(job_id) / ASKED).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _own(store: Store, job_id: str, tid: str) -> tuple[JobRecord, dict[str, Any]]:
+    """The caller's fine-tuning job and what it asked for (404 in OpenAI's shape otherwise)."""
     job = store.get_job(job_id, tid)
-    if job is None or not (store.job_dir(job.id) / ASKED).is_file():
+    asked = _asked(store, job.id) if job else None
+    if job is None or asked is None:
         raise OpenAIError(404, f"no fine-tuning job {job_id!r} (a job submitted to POST /v1/jobs is read at "
                                "GET /v1/jobs/{id})", param="fine_tuning_job_id", code="not_found")
-    return job
+    return job, asked
 
 
 def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
@@ -205,10 +214,9 @@ def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[st
     return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
 
 
-def _job(job: JobRecord, store: Store, base: str) -> dict[str, Any]:
+def _job(job: JobRecord, asked: dict[str, Any], base: str) -> dict[str, Any]:
     """The job as OpenAI's ``fine_tuning.job`` object."""
     spec = job.spec
-    asked = json.loads((store.job_dir(job.id) / ASKED).read_text())
     hyper = {"n_epochs": asked["n_epochs"], "batch_size": spec["batch_size"],
              "learning_rate_multiplier": asked["learning_rate_multiplier"]}
     return {

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cotune.service.generations import GenerateRequest
@@ -41,6 +41,12 @@ class OpenAIError(Exception):
         super().__init__(message)
         self.status, self.body = status, {"message": message, "type": type_, "param": param, "code": code}
         self.headers = headers
+
+    @classmethod
+    def of(cls, e: HTTPException, param: str | None = None) -> OpenAIError:
+        """A native route's refusal told in OpenAI's shape, its headers (``Retry-After``) kept."""
+        return cls(e.status_code, str(e.detail), type_="rate_limit_exceeded" if e.status_code == 429 else
+                   "invalid_request_error", param=param, headers=dict(e.headers) if e.headers else None)
 
 
 async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
