@@ -253,7 +253,14 @@ def test_openai_multipart_upload_is_streamed_and_limited(server, alice, shared_d
     rec = api.files.create(file=("../../etc/passwd.tsv", data), purpose="fine-tune")
     assert (rec.filename, rec.bytes, rec.purpose, rec.object) == ("passwd.tsv", len(data), "fine-tune", "file")
     assert c.request("GET", f"/v1/files/{rec.id}/content").content == data
-    assert c.files()[-1]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert c.files()[0]["sha256"] == hashlib.sha256(data).hexdigest()
+    # files.list: OpenAI's cursor page, newest first; the client's auto-pagination walks it one file at a time
+    second = api.files.create(file=("again.tsv", data), purpose="fine-tune")
+    assert [f.id for f in api.files.list().data][:2] == [second.id, rec.id]
+    walked = [f.id for f in api.files.list(limit=1)]
+    assert walked == [f["id"] for f in c.files()] and walked[:2] == [second.id, rec.id] and len(set(walked)) > 1
+    assert [f.id for f in api.files.list(order="asc")] == walked[::-1] and not api.files.list(purpose="batch").data
+    c.delete_file(second.id)
     c.delete_file(rec.id)
     before = sorted(p.name for p in (server.root / "files").iterdir())
     with pytest.raises(openai.APIStatusError) as e:  # 0.05 MiB limit, with Content-Length

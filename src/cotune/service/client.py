@@ -110,7 +110,8 @@ class Client:
         return self.request("POST", "/v1/files", params={"filename": filename}, content=data).json()
 
     def files(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/v1/files").json()
+        """The caller's uploads, newest first."""
+        return self.request("GET", "/v1/files").json()["data"]
 
     def delete_file(self, file_id: str) -> None:
         self.request("DELETE", f"/v1/files/{file_id}")

@@ -97,6 +97,14 @@ class FileInfo(BaseModel):
     status: Literal["processed"]
 
 
+class FileList(BaseModel):
+    """OpenAI's page of files (``client.files.list()``)."""
+
+    object: Literal["list"]
+    data: list[FileInfo]
+    has_more: bool
+
+
 class JobInfo(BaseModel):
     id: str
     status: str

@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 import time
-from typing import Annotated, Any, BinaryIO
+from typing import Annotated, Any, BinaryIO, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse
@@ -21,8 +21,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from cotune.service.config import ServiceConfig
 from cotune.service.routes.deps import ConfigDep, StoreDep, Tenant, own_file
-from cotune.service.routes.openai import OpenAIError
-from cotune.service.schemas import FileInfo
+from cotune.service.routes.openai import OpenAIError, page
+from cotune.service.schemas import FileInfo, FileList
 from cotune.service.store import ACTIVE_STATES, PURPOSE, FileRecord, Store, new_id
 
 #: Data formats the task loaders read; anything else is refused at upload time.
@@ -200,9 +200,14 @@ async def _receive(request: Request, tid: str, store: Store, config: ServiceConf
     return FileRecord(fid, tid, label, ext, sink.size, sink.digest.hexdigest(), time.time())
 
 
-@router.get("/v1/files", response_model=list[FileInfo])
-def list_files(tid: Tenant, store: StoreDep) -> list[FileInfo]:
-    return [FileInfo(**r.public()) for r in store.list_files(tid)]
+@router.get("/v1/files", response_model=FileList)
+def list_files(tid: Tenant, store: StoreDep, after: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, order: Literal["asc", "desc"] = "desc",
+               purpose: str | None = None) -> dict[str, Any]:
+    """The caller's uploads as OpenAI's page (``client.files.list()``), newest first unless ``order=asc``;
+    ``after`` is the last id of the previous page. Every file here has the purpose ``fine-tune``."""
+    files = [r.public() for r in store.list_files(tid) if purpose in (None, PURPOSE)]
+    return page(files[::-1] if order == "desc" else files, after, limit)
 
 
 @router.get("/v1/files/{file_id}", response_model=FileInfo)

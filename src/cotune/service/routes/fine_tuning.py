@@ -30,7 +30,7 @@ from pydantic import Field
 from cotune.adapters.methods import default_lr
 from cotune.service.routes import jobs as job_routes
 from cotune.service.routes.deps import ConfigDep, RunnerDep, StoreDep
-from cotune.service.routes.openai import OpenAIError, OpenAITenant
+from cotune.service.routes.openai import OpenAIError, OpenAITenant, page
 from cotune.service.schemas import DataRef, JobSpec, OpenAIBody, OptimSpec
 from cotune.service.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, Store, atomic_write_json
 from cotune.service.workload import model_task_for
@@ -164,7 +164,7 @@ def list_jobs(tid: OpenAITenant, store: StoreDep, config: ConfigDep, after: str 
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
     """The caller's fine-tuning jobs, newest first (``after``: the last id of the previous page)."""
     jobs = [_job(j, asked, config.model_id) for j in reversed(store.list_jobs(tid)) if (asked := _asked(store, j.id))]
-    return _page(jobs, after, limit)
+    return page(jobs, after, limit)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
@@ -186,7 +186,7 @@ def cancel(job_id: str, tid: OpenAITenant, store: StoreDep, config: ConfigDep, r
 def list_events(job_id: str, tid: OpenAITenant, store: StoreDep, after: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
     """The job's events, newest first: created, started, one per step (training and validation loss), the end."""
-    return _page(_events(_own(store, job_id, tid)[0], store)[::-1], after, limit)
+    return page(_events(_own(store, job_id, tid)[0], store)[::-1], after, limit)
 
 
 def _asked(store: Store, job_id: str) -> dict[str, Any] | None:
@@ -205,13 +205,6 @@ def _own(store: Store, job_id: str, tid: str) -> tuple[JobRecord, dict[str, Any]
         raise OpenAIError(404, f"no fine-tuning job {job_id!r} (a job submitted to POST /v1/jobs is read at "
                                "GET /v1/jobs/{id})", param="fine_tuning_job_id", code="not_found")
     return job, asked
-
-
-def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
-    if after is not None:
-        ids = [it["id"] for it in items]
-        items = items[ids.index(after) + 1 :] if after in ids else []
-    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
 
 
 def _job(job: JobRecord, asked: dict[str, Any], base: str) -> dict[str, Any]:

@@ -53,6 +53,14 @@ async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"error": exc.body}, headers=exc.headers)
 
 
+def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """OpenAI's cursor page of ``items`` (each with an ``id``): the ``limit`` after the id ``after``."""
+    if after is not None:
+        ids = [it["id"] for it in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
+
+
 def openai_tenant(request: Request, store: StoreDep, authorization: Annotated[str | None, Header()] = None) -> str:
     tid = tenant_of(store, authorization)
     if tid is None:
