@@ -226,6 +226,17 @@ def test_openai_fine_tuning_api_trains_the_job_it_documents(server, shared_data,
         assert time.time() < deadline, server.log_tail()
         time.sleep(0.5)
     assert job.status == "succeeded" and job.fine_tuned_model == job.id and job.finished_at, job.error
+    # trained_tokens: 4 steps of 4 rows are both epochs, each of the 7 rows twice, every templated token of a row
+    # but the newline the template writes after the last end-of-turn (not trained), up to max_length (one row of
+    # the seven is 560 tokens: 512 of them train)
+    from transformers import AutoTokenizer
+
+    from cotune.models import smollm2_path
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    templated = sum(min(512, len(tok(tok.apply_chat_template(json.loads(line)["messages"], tokenize=False)
+                                         .rstrip("\n"), add_special_tokens=False)["input_ids"])) for line in rows.splitlines())
+    assert job.trained_tokens == 2 * templated == sum(m["value"] for m in c.metrics(job.id) if m["name"] == "tokens")
     twin = c.submit({"task": "causal_lm", "method": "lowrank", "steps": 4, "batch_size": 4, "max_length": 512,
                      "seed": 3, "optim": {"lr": 2.0 * default_lr("lowrank")}, "train": {"file_id": train.id},
                      "eval": {"file_id": valid.id}, "eval_every": 1,  # ceil(4 / 5): four points before the end

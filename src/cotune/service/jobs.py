@@ -356,10 +356,12 @@ class Jobs:
             # Find the culprit: step each job alone (a job's bad rows must not stop the others).
             for key, batch in parts:
                 job = self.active[key]
-                self._guard(job, lambda job=job, batch=batch: self._after_step(job, self._mixed_step([(job.key, batch)])[job.key]))
+                self._guard(job, lambda job=job, batch=batch: self._after_step(
+                    job, self._mixed_step([(job.key, batch)])[job.key], batch))
             return True
+        batches = dict(parts)
         for key, r in results.items():
-            self._guard(self.active[key], self._after_step, self.active[key], r)
+            self._guard(self.active[key], self._after_step, self.active[key], r, batches[key])
         return True
 
     def _mixed_step(self, parts: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -369,11 +371,13 @@ class Jobs:
         finally:
             self.bank.model.eval()
 
-    def _after_step(self, job: ActiveJob, r: Any) -> None:
+    def _after_step(self, job: ActiveJob, r: Any, batch: dict[str, torch.Tensor]) -> None:
         job.step += 1
         job.last_loss = float(r.loss)
         job.skipped += int(bool(r.skipped))
         values = {"loss": job.last_loss}
+        if "attention_mask" in batch:  # the step's real tokens, padding left out (OpenAI's ``trained_tokens``)
+            values["tokens"] = float(batch["attention_mask"].sum())
         values.update({k: float(v) for k, v in (r.stats or {}).items() if isinstance(v, int | float)})
         self.store.add_metrics(job.rec.id, job.step, values)
         self.store.update_job(job.rec.id, step=job.step)

@@ -329,6 +329,11 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, after_step))
 
+    def metric_total(self, job_id: str, name: str) -> float | None:
+        """The sum of metric ``name`` over the job's steps (None when it was never logged)."""
+        return self._all("SELECT SUM(value) AS total FROM metrics WHERE job_id = ? AND name = ?",
+                         (job_id, name))[0]["total"]
+
     def metrics(self, job_id: str, since_step: int = -1, limit: int = 10_000) -> list[dict[str, Any]]:
         rows = self._all(
             "SELECT step, name, value, time FROM metrics WHERE job_id = ? AND step > ? ORDER BY step, rowid LIMIT ?",

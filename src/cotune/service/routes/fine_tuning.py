@@ -156,20 +156,21 @@ def create(body: FineTuningRequest, tid: OpenAITenant, store: StoreDep, config: 
     folder = store.job_dir(info.id)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / ASKED, {"n_epochs": epochs, "learning_rate_multiplier": multiplier})
-    return _job(*_own(store, info.id, tid), config.model_id)
+    return _job(*_own(store, info.id, tid), store, config.model_id)
 
 
 @router.get("/v1/fine_tuning/jobs")
 def list_jobs(tid: OpenAITenant, store: StoreDep, config: ConfigDep, after: str | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
     """The caller's fine-tuning jobs, newest first (``after``: the last id of the previous page)."""
-    jobs = [_job(j, asked, config.model_id) for j in reversed(store.list_jobs(tid)) if (asked := _asked(store, j.id))]
+    jobs = [_job(j, asked, store, config.model_id) for j in reversed(store.list_jobs(tid))
+            if (asked := _asked(store, j.id))]
     return page(jobs, after, limit)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 def retrieve(job_id: str, tid: OpenAITenant, store: StoreDep, config: ConfigDep) -> dict[str, Any]:
-    return _job(*_own(store, job_id, tid), config.model_id)
+    return _job(*_own(store, job_id, tid), store, config.model_id)
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
@@ -179,7 +180,7 @@ def cancel(job_id: str, tid: OpenAITenant, store: StoreDep, config: ConfigDep, r
         job_routes.cancel(job_id, tid, store, runner)
     except HTTPException as e:
         raise OpenAIError.of(e) from e
-    return _job(*_own(store, job_id, tid), config.model_id)
+    return _job(*_own(store, job_id, tid), store, config.model_id)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
@@ -207,9 +208,10 @@ def _own(store: Store, job_id: str, tid: str) -> tuple[JobRecord, dict[str, Any]
     return job, asked
 
 
-def _job(job: JobRecord, asked: dict[str, Any], base: str) -> dict[str, Any]:
-    """The job as OpenAI's ``fine_tuning.job`` object."""
+def _job(job: JobRecord, asked: dict[str, Any], store: Store, base: str) -> dict[str, Any]:
+    """The job as OpenAI's ``fine_tuning.job`` object (``trained_tokens`` once it succeeded, as OpenAI's)."""
     spec = job.spec
+    tokens = store.metric_total(job.id, "tokens") if job.status == SUCCEEDED else None
     hyper = {"n_epochs": asked["n_epochs"], "batch_size": spec["batch_size"],
              "learning_rate_multiplier": asked["learning_rate_multiplier"]}
     return {
@@ -219,7 +221,7 @@ def _job(job: JobRecord, asked: dict[str, Any], base: str) -> dict[str, Any]:
         "organization_id": job.tenant_id, "status": job.status, "result_files": [],
         "training_file": spec["train"]["file_id"], "validation_file": (spec.get("eval") or {}).get("file_id"),
         "hyperparameters": hyper, "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
-        "seed": spec["seed"], "trained_tokens": None, "estimated_finish": None, "integrations": [], "metadata": None,
+        "seed": spec["seed"], "trained_tokens": None if tokens is None else int(tokens), "estimated_finish": None, "integrations": [], "metadata": None,
         "error": {"code": "job_failed", "message": job.error, "param": None} if job.status == FAILED else None,
     }
 
