@@ -221,7 +221,8 @@ def _job(job: JobRecord, asked: dict[str, Any], store: Store, base: str) -> dict
         "organization_id": job.tenant_id, "status": job.status, "result_files": [],
         "training_file": spec["train"]["file_id"], "validation_file": (spec.get("eval") or {}).get("file_id"),
         "hyperparameters": hyper, "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
-        "seed": spec["seed"], "trained_tokens": None if tokens is None else int(tokens), "estimated_finish": None, "integrations": [], "metadata": None,
+        "seed": spec["seed"], "trained_tokens": None if tokens is None else int(tokens), "estimated_finish": None,
+        "integrations": [], "metadata": None,
         "error": {"code": "job_failed", "message": job.error, "param": None} if job.status == FAILED else None,
     }
 
