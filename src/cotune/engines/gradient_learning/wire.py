@@ -163,7 +163,8 @@ class Wire:
             # The sums over every token are accumulated in float64 and rounded once to the adapter's dtype: an
             # fp32 product's error depends on the BLAS's summation order, and with AVX-512 MKL it put loretta_rep
             # at I = 4 at 2.4x backprop's own fp32 rounding (0.84x accumulated in float64; the wire is unchanged).
-            s, dsum = d2.double().T @ u2.double(), d2.double().sum(0)
+            wide = d2.double()
+            s, dsum = wide.T @ u2.double(), wide.sum(0)
             msg = Statistic(rec.path, rec.call, _on_wire(s.to(d2.dtype), self.dtype),
                             _on_wire(dsum.to(d2.dtype), self.dtype))
             self.statistics += 1
